@@ -1,0 +1,436 @@
+-- The application facade: options, routes, handlers, streams and the loop, over the C
+-- server (sse.core). Routing and response shaping live here because they read best in
+-- Lua; every byte of a stream is queued and sent by C.
+local core = require("sse.core")
+local router = require("sse.router")
+local static = require("sse.static")
+local cjson = require("cjson")
+
+local M = {}
+
+local type, pairs, ipairs, tostring, error = type, pairs, ipairs, tostring, error
+local xpcall, traceback, concat = xpcall, debug.traceback, table.concat
+local lower = string.lower
+
+local App = {}
+App.__index = App
+App.__name = "sse.app"
+
+local OPTIONS = {
+  host = "string", port = "number", heartbeat = "number|boolean", retry = "number",
+  cors = "string|table", max_connections = "number", max_body = "number",
+  queue_limit = "number", log = "function|boolean", connection_memory = "number",
+  shutdown_timeout = "number",
+}
+
+local function check_options(opts, allowed, where)
+  for k, v in pairs(opts) do
+    local want = allowed[k]
+    if not want then
+      error(where .. ": unknown option '" .. tostring(k) .. "'", 3)
+    end
+    if not want:find(type(v), 1, true) then
+      error(where .. ": option '" .. k .. "' must be a " .. want:gsub("|", " or "), 3)
+    end
+  end
+end
+
+local function check_seconds(v, name, where)
+  if v ~= nil and v ~= false and (type(v) ~= "number" or v <= 0) then
+    error(where .. ": option '" .. name .. "' must be a positive number of seconds or false", 3)
+  end
+end
+
+local function check_retry(v, where)
+  if v ~= nil and (math.type(v) ~= "integer" or v < 0) then
+    error(where .. ": option 'retry' must be a non-negative integer (milliseconds)", 3)
+  end
+end
+
+local function default_log(level, msg)
+  io.stderr:write(os.date("!%Y-%m-%dT%H:%M:%SZ"), " sse ", level, ": ", msg, "\n")
+end
+
+-- CORS as the spec and browsers want it: "*" for public streams, or an allow-list
+-- whose matching Origin is echoed exactly (required when credentials are on).
+local function compile_cors(cors)
+  if cors == nil or cors == "*" then
+    return cors
+  end
+  if type(cors) ~= "table" or type(cors.origins) ~= "table" then
+    error("sse.app: option 'cors' must be \"*\" or { origins = {...}, credentials = true }", 3)
+  end
+  local set = {}
+  for _, o in ipairs(cors.origins) do
+    set[o] = true
+  end
+  return { origins = set, credentials = cors.credentials and true or false }
+end
+
+function M.new(opts)
+  opts = opts or {}
+  if type(opts) ~= "table" then
+    error("sse.app: options must be a table", 2)
+  end
+  check_options(opts, OPTIONS, "sse.app")
+  check_seconds(opts.heartbeat, "heartbeat", "sse.app")
+  check_retry(opts.retry, "sse.app")
+  local self = setmetatable({
+    host = opts.host or "127.0.0.1",
+    _routes = router.new(),
+    _before = {},
+    _heartbeat = opts.heartbeat == nil and 15 or opts.heartbeat,
+    _retry = opts.retry,
+    _cors = compile_cors(opts.cors),
+    _shutdown_timeout = opts.shutdown_timeout or 5,
+    _stopping = false,
+    _in_step = false,
+  }, App)
+  local log = opts.log
+  if log == nil or log == true then
+    log = default_log
+  end
+  self._log = log or nil
+  -- libmicrohttpd's own messages come as "debug": internal detail, not for the log.
+  local function log_hook(level, msg)
+    if self._log and level ~= "debug" then
+      self._log(level, msg)
+    end
+  end
+  self._core = core.server({
+    host = self.host,
+    port = opts.port or 8080,
+    max_connections = opts.max_connections,
+    max_body = opts.max_body,
+    queue_limit = opts.queue_limit,
+    connection_memory = opts.connection_memory,
+    dispatch = function(req)
+      return self:_dispatch(req)
+    end,
+    log = log_hook,
+  })
+  return self
+end
+
+-- ---- routes ----
+
+function App:route(method, pattern, handler)
+  if type(method) ~= "string" then
+    error("app:route: method must be a string", 2)
+  end
+  if type(handler) ~= "function" then
+    error("app:route: handler must be a function", 2)
+  end
+  self._routes:add(method:upper(), pattern, { handler = handler })
+  return self
+end
+
+function App:get(pattern, handler) return self:route("GET", pattern, handler) end
+function App:post(pattern, handler) return self:route("POST", pattern, handler) end
+function App:put(pattern, handler) return self:route("PUT", pattern, handler) end
+function App:delete(pattern, handler) return self:route("DELETE", pattern, handler) end
+
+function App:before(fn)
+  if type(fn) ~= "function" then
+    error("app:before: expected a function", 2)
+  end
+  self._before[#self._before + 1] = fn
+  return self
+end
+
+function App:static(prefix, dir)
+  if type(prefix) ~= "string" or prefix:sub(1, 1) ~= "/" then
+    error("app:static: prefix must be a path starting with '/'", 2)
+  end
+  if type(dir) ~= "string" then
+    error("app:static: dir must be a string", 2)
+  end
+  prefix = prefix:gsub("/+$", "")
+  self._routes:add("GET", prefix .. "/*", {
+    handler = function(req)
+      return static.serve(dir, req.params.splat, req.method)
+    end,
+  })
+  return self
+end
+
+local STREAM_OPTIONS = {
+  method = "string", format = "string", retry = "number", heartbeat = "number|boolean",
+  headers = "table",
+}
+
+function App:stream(pattern, source, opts)
+  opts = opts or {}
+  check_options(opts, STREAM_OPTIONS, "app:stream")
+  check_seconds(opts.heartbeat, "heartbeat", "app:stream")
+  check_retry(opts.retry, "app:stream")
+  if type(source) ~= "function" then
+    error("app:stream: source must be a function(stream, req)", 2)
+  end
+  if opts.format ~= nil and opts.format ~= "sse" then
+    error("app:stream: format '" .. tostring(opts.format) .. "' is not supported", 2)
+  end
+  local heartbeat = opts.heartbeat
+  if heartbeat == nil then
+    heartbeat = self._heartbeat
+  end
+  self._routes:add((opts.method or "GET"):upper(), pattern, {
+    stream = source,
+    heartbeat = heartbeat,
+    retry = opts.retry or self._retry,
+    headers = opts.headers or {},
+  })
+  return self
+end
+
+-- ---- timers ----
+
+function App:every(seconds, fn)
+  if type(seconds) ~= "number" or seconds <= 0 then
+    error("app:every: seconds must be a positive number", 2)
+  end
+  if type(fn) ~= "function" then
+    error("app:every: expected a function", 2)
+  end
+  return self._core:timer(seconds, seconds, fn)
+end
+
+function App:after(seconds, fn)
+  if type(seconds) ~= "number" or seconds < 0 then
+    error("app:after: seconds must be a non-negative number", 2)
+  end
+  if type(fn) ~= "function" then
+    error("app:after: expected a function", 2)
+  end
+  return self._core:timer(seconds, 0, fn)
+end
+
+-- ---- requests ----
+
+local function has_header(headers, name)
+  for k in pairs(headers) do
+    if lower(k) == name then
+      return true
+    end
+  end
+  return false
+end
+
+local function add_cors(self, req, headers)
+  local cors = self._cors
+  if cors == "*" then
+    headers["Access-Control-Allow-Origin"] = "*"
+  elseif cors then
+    local origin = req.headers.origin
+    if origin and cors.origins[origin] then
+      headers["Access-Control-Allow-Origin"] = origin
+      if cors.credentials then
+        headers["Access-Control-Allow-Credentials"] = "true"
+      end
+    end
+    headers["Vary"] = "Origin"
+  end
+  return headers
+end
+
+-- Shapes what a handler returned (body | status, body | status, body, headers) into
+-- status, body string or nil, headers.
+local function response(self, req, a, b, c)
+  local status, body, headers
+  if math.type(a) == "integer" then
+    status, body, headers = a, b, c
+  else
+    status, body, headers = nil, a, nil
+  end
+  local out = {}
+  if headers ~= nil then
+    if type(headers) ~= "table" then
+      error("handler returned headers that are not a table", 0)
+    end
+    for k, v in pairs(headers) do
+      out[k] = tostring(v)
+    end
+  end
+  local btype = type(body)
+  if btype == "table" then
+    body = cjson.encode(body)
+    if not has_header(out, "content-type") then
+      out["Content-Type"] = "application/json"
+    end
+  elseif btype == "string" or btype == "number" then
+    body = tostring(body)
+    if not has_header(out, "content-type") then
+      out["Content-Type"] = "text/plain; charset=utf-8"
+    end
+  elseif body ~= nil then
+    error("handler returned a " .. btype .. " body", 0)
+  end
+  status = status or (body == nil and 204 or 200)
+  if status < 100 or status > 999 then
+    error("handler returned status " .. status, 0)
+  end
+  return status, body, add_cors(self, req, out)
+end
+
+local function plain(self, req, status, text, headers)
+  headers = headers or {}
+  headers["Content-Type"] = "text/plain; charset=utf-8"
+  return status, text, add_cors(self, req, headers)
+end
+
+local function preflight(self, req)
+  local headers = add_cors(self, req, {})
+  headers["Access-Control-Allow-Methods"] = "GET, POST, PUT, DELETE, OPTIONS"
+  local asked = req.headers["access-control-request-headers"]
+  if asked then
+    headers["Access-Control-Allow-Headers"] = asked
+  end
+  headers["Access-Control-Max-Age"] = "86400"
+  return 204, nil, headers
+end
+
+local function stream_headers(self, req, route)
+  local headers = {}
+  for k, v in pairs(route.headers) do
+    headers[k] = tostring(v)
+  end
+  return add_cors(self, req, headers)
+end
+
+local function call_user(self, req, what, fn)
+  local ok, a, b, c = xpcall(fn, traceback, req)
+  if not ok then
+    if self._log then
+      self._log("error", req.method .. " " .. req.path .. ": " .. what .. ": " .. tostring(a))
+    end
+    return false
+  end
+  return true, a, b, c
+end
+
+-- Called by C for every complete request. Returns status, body, headers, or
+-- fn, req, opts to start a stream.
+function App:_dispatch(req)
+  local q = req.query
+  req.last_event_id = req.headers["last-event-id"] or q.lastEventId or q.last_event_id
+  if self._cors and req.method == "OPTIONS" and req.headers["access-control-request-method"] then
+    return preflight(self, req)
+  end
+  local route, params, allowed = self._routes:match(req.method, req.path)
+  if not route then
+    if allowed and #allowed > 0 then
+      return plain(self, req, 405, "method not allowed\n", { Allow = concat(allowed, ", ") })
+    end
+    return plain(self, req, 404, "not found\n")
+  end
+  req.params = params
+  for _, fn in ipairs(self._before) do
+    local ok, a, b, c = call_user(self, req, "before", fn)
+    if not ok then
+      return plain(self, req, 500, "internal server error\n")
+    end
+    if a ~= nil then
+      local good, status, body, headers = pcall(response, self, req, a, b, c)
+      if not good then
+        self._log("error", req.method .. " " .. req.path .. ": before: " .. tostring(status))
+        return plain(self, req, 500, "internal server error\n")
+      end
+      return status, body, headers
+    end
+  end
+  if route.stream then
+    if req.method == "HEAD" then
+      local headers = stream_headers(self, req, route)
+      headers["Content-Type"] = headers["Content-Type"] or "text/event-stream"
+      headers["Cache-Control"] = headers["Cache-Control"] or "no-cache"
+      return 200, nil, headers
+    end
+    return route.stream, req, {
+      headers = stream_headers(self, req, route),
+      heartbeat = route.heartbeat,
+      retry = route.retry,
+    }
+  end
+  local ok, a, b, c = call_user(self, req, "handler", route.handler)
+  if not ok then
+    return plain(self, req, 500, "internal server error\n")
+  end
+  local good, status, body, headers = pcall(response, self, req, a, b, c)
+  if not good then
+    if self._log then
+      self._log("error", req.method .. " " .. req.path .. ": " .. tostring(status))
+    end
+    return plain(self, req, 500, "internal server error\n")
+  end
+  return status, body, headers
+end
+
+-- ---- the loop ----
+
+function App:listen()
+  local ok, err, code = self._core:listen()
+  if not ok then
+    return nil, err, code
+  end
+  self.port = self._core.port
+  local host = self.host:find(":", 1, true) and "[" .. self.host .. "]" or self.host
+  self.url = "http://" .. host .. ":" .. self.port
+  self._stopping = false
+  return true
+end
+
+local function shutdown(self)
+  self._stopping = false
+  self._core:shutdown(self._shutdown_timeout)
+end
+
+function App:step(timeout)
+  if self._in_step then
+    error("app:step: called from inside the loop", 2)
+  end
+  self._in_step = true
+  local ok, err = pcall(self._core.step, self._core, timeout or 0)
+  self._in_step = false
+  if not ok then
+    error(err, 0)
+  end
+  if self._stopping and self._core.listening then
+    shutdown(self)
+  end
+end
+
+function App:run()
+  if not self._core.listening then
+    local ok, err, code = self:listen()
+    if not ok then
+      return nil, err, code
+    end
+  end
+  self._core:catch_signals(function()
+    self._stopping = true
+  end)
+  while not self._stopping do
+    self._in_step = true
+    local ok, err = pcall(self._core.step, self._core, -1)
+    self._in_step = false
+    if not ok then
+      self._core:catch_signals(nil)
+      error(err, 0)
+    end
+  end
+  shutdown(self)
+  self._core:catch_signals(nil)
+  return true
+end
+
+-- Stops accepting, ends every stream cleanly and returns once they are done (at most
+-- shutdown_timeout seconds). From inside a handler, timer or stream it takes effect
+-- when the current loop turn ends.
+function App:stop()
+  self._stopping = true
+  if not self._in_step and self._core.listening then
+    shutdown(self)
+  end
+end
+
+return M

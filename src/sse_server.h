@@ -1,0 +1,107 @@
+/* sse_server: the libmicrohttpd glue. MHD runs in external-epoll mode inside sse_loop on
+ * the caller's thread; streams are suspended while their queue is empty and resumed when
+ * bytes arrive (see ../shared/notes/libmicrohttpd.md for why each step is as it is).
+ * Plain C, no Lua: the binding sees requests and streams through the hooks below.
+ */
+#ifndef SSE_SERVER_H
+#define SSE_SERVER_H
+
+#include <stddef.h>
+#include "sse_loop.h"
+#include "sse_queue.h"
+
+typedef struct sse_server  sse_server;
+typedef struct sse_request sse_request;
+typedef struct sse_stream  sse_stream;
+
+typedef struct sse_header {
+    const char *name;
+    const char *value;
+} sse_header;
+
+enum { SSE_LOG_ERROR = 0, SSE_LOG_WARN = 1, SSE_LOG_INFO = 2 };
+
+typedef struct sse_server_hooks {
+    /* A complete request (headers and body). Runs inside MHD_run: it must answer with
+     * sse_request_respond or sse_request_stream; if it does neither the client gets 500. */
+    void (*request)(void *ud, sse_request *r);
+    /* The stream's writer may run: just started, or its queue drained below the low-water
+     * mark after sse_stream_want_drain. Runs outside MHD_run. */
+    void (*stream_ready)(void *ud, sse_stream *s);
+    /* The stream has ended (client gone, dropped, closed, shutdown). Runs outside MHD_run,
+     * once; afterwards the binding only calls sse_stream_release. */
+    void (*stream_closed)(void *ud, sse_stream *s);
+    void (*log)(void *ud, int level, const char *msg);
+} sse_server_hooks;
+
+typedef struct sse_server_config {
+    const char *host;             /* numeric IPv4 or IPv6 address */
+    int         port;             /* 0: any free port */
+    unsigned    max_connections;  /* 0: as many as the descriptor limit allows */
+    size_t      max_body;         /* bytes; larger request bodies get 413 */
+    size_t      queue_limit;      /* bytes pending on one stream before the client is dropped */
+    size_t      conn_memory;      /* libmicrohttpd's memory pool per connection */
+    const sse_server_hooks *hooks;
+    void       *ud;
+} sse_server_config;
+
+sse_server *sse_server_new(sse_loop *loop, const sse_server_config *cfg);  /* NULL: ENOMEM */
+void        sse_server_free(sse_server *s);   /* shuts down first if still listening */
+
+/* Binds and starts the daemon. 0, or -errno with a message in err. */
+int  sse_server_listen(sse_server *s, char *err, size_t errlen);
+int  sse_server_port(const sse_server *s);
+int  sse_server_listening(const sse_server *s);
+unsigned sse_server_connections(const sse_server *s);
+
+/* How long the next poll may wait (ms; -1: no limit) so MHD and pending work are served. */
+int  sse_server_timeout(const sse_server *s);
+/* After each poll: drives MHD (with the pending-resume loop) and runs deferred hooks. */
+void sse_server_run(sse_server *s);
+/* Graceful stop: stop accepting, end every stream after its queue drains, wait at most
+ * drain_ms for clients to finish, then stop the daemon. Runs the loop itself. */
+void sse_server_shutdown(sse_server *s, unsigned drain_ms);
+
+/* --- requests (valid only inside the request hook) --- */
+typedef void (*sse_kv_cb)(void *ud, const char *key, const char *value, size_t value_len);
+const char *sse_request_method(const sse_request *r);
+const char *sse_request_path(const sse_request *r);        /* percent-decoded, no query */
+const char *sse_request_body(const sse_request *r, size_t *len);  /* NULL: no body */
+const char *sse_request_peer(const sse_request *r);        /* "127.0.0.1:40512" */
+void sse_request_headers(sse_request *r, sse_kv_cb cb, void *ud);
+void sse_request_query(sse_request *r, sse_kv_cb cb, void *ud);
+int  sse_request_answered(const sse_request *r);
+
+/* A complete response. 0 or -1 (already answered / MHD refused). */
+int sse_request_respond(sse_request *r, int status, const sse_header *h, size_t nh,
+                        const char *body, size_t len);
+
+/* Starts a stream: 200 with these headers and a body that stays open. The stream_ready
+ * hook runs for it after MHD_run. heartbeat_ms: ":" comment after that long idle (0: none).
+ * The binding owns one reference (sse_stream_release). NULL on failure. */
+sse_stream *sse_request_stream(sse_request *r, const sse_header *h, size_t nh,
+                               unsigned heartbeat_ms);
+
+/* --- streams --- */
+/* Queue bytes: 0, -EPIPE when the stream is closed (or is dropped now because its
+ * pending bytes passed queue_limit), -ENOMEM. */
+int    sse_stream_write(sse_stream *st, const char *p, size_t n);
+/* Write in place: reserve n bytes (NULL: closed or ENOMEM), fill them, then commit. */
+char  *sse_stream_reserve(sse_stream *st, size_t n);
+int    sse_stream_commit(sse_stream *st, size_t n);
+/* Queue a shared chunk (channels): no copy. Same returns as sse_stream_write. */
+int    sse_stream_push(sse_stream *st, sse_chunk *c);
+size_t sse_stream_pending(const sse_stream *st);
+int    sse_stream_open(const sse_stream *st);      /* neither closing nor closed */
+/* Ask for the stream_ready hook once pending bytes fall to `low_water` or less. */
+void   sse_stream_want_drain(sse_stream *st, size_t low_water);
+/* Ends the response cleanly once the queue has drained (final chunk). */
+void   sse_stream_close(sse_stream *st);
+/* Ends it now without the final chunk (the client sees an error and reconnects). */
+void   sse_stream_abort(sse_stream *st);
+const char *sse_stream_peer(const sse_stream *st);
+void  *sse_stream_ud(const sse_stream *st);
+void   sse_stream_set_ud(sse_stream *st, void *ud);
+void   sse_stream_release(sse_stream *st);        /* drops the binding's reference */
+
+#endif
