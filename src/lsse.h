@@ -10,8 +10,8 @@
 void lsse_open_frame(lua_State *L);
 
 /* Reads the event at idx (a string = data, or a table with data/event/id/retry/comment)
- * into ev, validating it. Raises "<fname>: <why>" on misuse. May push one value (the
- * JSON text of a table data) that must stay on the stack while ev is used. */
+ * into ev, validating it. Raises "<fname>: <why>" on misuse. May push one value
+ * (text converted from a number or a table) that must stay on the stack while ev is used. */
 void lsse_check_event(lua_State *L, int idx, const char *fname, sse_event *ev);
 
 /* lsse_server.c: adds the server constructor to the table on top of the stack. */
