@@ -4,7 +4,47 @@
 
 #include <lua.h>
 #include <lauxlib.h>
+#include "sse_channel.h"
 #include "sse_frame.h"
+#include "sse_loop.h"
+#include "sse_server.h"
+
+#define SERVER_MT  "sse.server"
+#define STREAM_MT  "sse.stream"
+#define CHANNEL_MT "sse.channel"
+
+/* The server userdata: one per app. */
+typedef struct lsse_server {
+    sse_loop     *loop;
+    sse_server   *srv;
+    lua_State    *L;           /* the thread running step(); hooks call Lua on it */
+    int           dispatch_ref;
+    int           log_ref;
+    int           signal_ref;
+    int           finalizing;  /* __gc: drop streams without running Lua */
+    size_t        high_water;
+    uint64_t      seq;         /* app-wide event sequence shared by all channels */
+    sse_channel **channels;    /* owned here: freed after the last stream is gone */
+    unsigned      nchannels, channels_cap;
+} lsse_server;
+
+enum { WAIT_NONE, WAIT_SLEEP, WAIT_DRAIN, WAIT_FOREVER };
+
+/* User values of a stream userdata. */
+enum { UV_CO = 1, UV_REQ, UV_FN, UV_ONCLOSE, UV_FIELDS, UV_COUNT = UV_FIELDS };
+
+/* The stream userdata: anchored by self_ref while the stream is open. */
+typedef struct lsse_stream {
+    sse_stream    *st;         /* NULL once closed */
+    lsse_server   *b;
+    lua_State     *co;         /* the generator's coroutine (anchored in UV_CO) */
+    int            self_ref;
+    int            wait;
+    int            started;
+    int            told_closed; /* the generator has been given nil, "closed" once */
+    sse_timer      sleep;
+    sse_subscriber sub;        /* its channel subscriptions */
+} lsse_stream;
 
 /* lsse_frame.c: adds encode, comment and parser to the table on top of the stack. */
 void lsse_open_frame(lua_State *L);
@@ -16,5 +56,13 @@ void lsse_check_event(lua_State *L, int idx, const char *fname, sse_event *ev);
 
 /* lsse_server.c: adds the server constructor to the table on top of the stack. */
 void lsse_open_server(lua_State *L);
+lsse_server *lsse_check_server(lua_State *L, int idx);
+
+/* lsse_channel.c: the channel class; server:channel and stream:subscribe/unsubscribe. */
+void lsse_open_channel(lua_State *L);
+int  lsse_server_channel(lua_State *L);
+int  lsse_stream_subscribe(lua_State *L);
+int  lsse_stream_unsubscribe(lua_State *L);
+void lsse_free_channels(lsse_server *b);
 
 #endif

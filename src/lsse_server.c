@@ -11,43 +11,15 @@
  */
 #include "lsse.h"
 #include "sse_server.h"
+#include "sse_channel.h"
 
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
 
-#define SERVER_MT "sse.server"
-#define STREAM_MT "sse.stream"
 #define TIMER_MT  "sse.timer"
 #define MAX_HEADERS 64
-
-typedef struct lsse_server {
-    sse_loop   *loop;
-    sse_server *srv;
-    lua_State  *L;           /* the thread running step(); hooks call Lua on it */
-    int         dispatch_ref;
-    int         log_ref;
-    int         signal_ref;
-    int         finalizing;  /* __gc: drop streams without running Lua */
-    size_t      high_water;
-} lsse_server;
-
-enum { WAIT_NONE, WAIT_SLEEP, WAIT_DRAIN, WAIT_FOREVER };
-
-/* User values of a stream userdata. */
-enum { UV_CO = 1, UV_REQ, UV_FN, UV_ONCLOSE, UV_FIELDS, UV_COUNT = UV_FIELDS };
-
-typedef struct lsse_stream {
-    sse_stream  *st;         /* NULL once closed */
-    lsse_server *b;
-    lua_State   *co;         /* the generator's coroutine (anchored in UV_CO) */
-    int          self_ref;
-    int          wait;
-    int          started;
-    int          told_closed; /* the generator has been given nil, "closed" once */
-    sse_timer    sleep;
-} lsse_stream;
 
 typedef struct lsse_timer {
     sse_timer    t;
@@ -313,6 +285,9 @@ static void resume_generator(lsse_stream *s, int nargs)
     int nres;
     s->wait = WAIT_NONE;
     int rc = lua_resume(co, L, nargs, &nres);
+    /* Subscriptions made in this turn replay now, merged in publish order. */
+    if (s->st && sse_subscriber_has_pending(&s->sub))
+        sse_subscriber_flush(&s->sub);
     if (rc == LUA_YIELD) {
         lua_pop(co, nres);
         if (s->wait == WAIT_NONE && s->st) {
@@ -332,7 +307,8 @@ static void resume_generator(lsse_stream *s, int nargs)
     }
     lua_settop(co, 0);
     s->wait = WAIT_FOREVER;  /* finished: nothing may resume it again */
-    if (s->st)
+    /* A subscriber stays open for its channels after its generator returns. */
+    if (s->st && (rc != LUA_OK || !s->sub.subs))
         sse_stream_close(s->st);
 }
 
@@ -377,6 +353,7 @@ static void hook_stream_closed(void *ud, sse_stream *st)
     lsse_stream *s = sse_stream_ud(st);
     lua_State *L = b->L;
     s->st = NULL;
+    sse_subscriber_clear(&s->sub);
     sse_timer_stop(b->loop, &s->sleep);
     sse_stream_release(st);
     if (b->finalizing) {
@@ -533,6 +510,7 @@ static int handle_request(lua_State *L)
     if (!s->st)
         return luaL_error(L, "could not start the stream");
     sse_stream_set_ud(s->st, s);
+    s->sub.st = s->st;
     lua_pushvalue(L, -1);
     s->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     /* Something for the client at once, so EventSource fires "open" and proxies
@@ -585,7 +563,7 @@ static void on_timer(sse_timer *st)
         release_timer(t, L);
 }
 
-static lsse_server *check_server(lua_State *L, int idx)
+lsse_server *lsse_check_server(lua_State *L, int idx)
 {
     lsse_server *b = luaL_checkudata(L, idx, SERVER_MT);
     if (!b->loop)
@@ -596,7 +574,7 @@ static lsse_server *check_server(lua_State *L, int idx)
 /* server:timer(after_seconds, repeat_seconds, fn) -> timer */
 static int server_timer(lua_State *L)
 {
-    lsse_server *b = check_server(L, 1);
+    lsse_server *b = lsse_check_server(L, 1);
     lua_Number after = luaL_checknumber(L, 2);
     lua_Number every = luaL_checknumber(L, 3);
     luaL_checktype(L, 4, LUA_TFUNCTION);
@@ -702,7 +680,7 @@ static int server_new(lua_State *L)
 
 static int server_listen(lua_State *L)
 {
-    lsse_server *b = check_server(L, 1);
+    lsse_server *b = lsse_check_server(L, 1);
     char err[256];
     b->L = L;
     int rc = sse_server_listen(b->srv, err, sizeof err);
@@ -720,7 +698,7 @@ static int server_listen(lua_State *L)
 /* server:step(timeout_seconds): one turn; a negative or nil timeout waits for activity. */
 static int server_step(lua_State *L)
 {
-    lsse_server *b = check_server(L, 1);
+    lsse_server *b = lsse_check_server(L, 1);
     lua_Number secs = luaL_optnumber(L, 2, -1);
     int timeout = secs < 0 ? -1 : secs > 86400 ? 86400000 : (int)llround(secs * 1000.0);
     b->L = L;
@@ -739,7 +717,7 @@ static int server_step(lua_State *L)
 
 static int server_shutdown(lua_State *L)
 {
-    lsse_server *b = check_server(L, 1);
+    lsse_server *b = lsse_check_server(L, 1);
     lua_Number secs = luaL_optnumber(L, 2, 5);
     b->L = L;
     sse_server_shutdown(b->srv, secs <= 0 ? 0 : (unsigned)llround(secs * 1000.0));
@@ -759,7 +737,7 @@ static void on_signal(void *ud, int signo)
 /* server:catch_signals(fn | nil): SIGINT/SIGTERM call fn(signo) instead of killing. */
 static int server_catch_signals(lua_State *L)
 {
-    lsse_server *b = check_server(L, 1);
+    lsse_server *b = lsse_check_server(L, 1);
     luaL_unref(L, LUA_REGISTRYINDEX, b->signal_ref);
     b->signal_ref = LUA_NOREF;
     if (lua_isnoneornil(L, 2)) {
@@ -806,6 +784,7 @@ static int server_gc(lua_State *L)
     b->finalizing = 1;
     sse_server_free(b->srv);
     b->srv = NULL;
+    lsse_free_channels(b);
     sse_loop_free(b->loop);
     b->loop = NULL;
     luaL_unref(L, LUA_REGISTRYINDEX, b->dispatch_ref);
@@ -834,6 +813,7 @@ void lsse_open_server(lua_State *L)
         { "shutdown", server_shutdown },
         { "timer", server_timer },
         { "catch_signals", server_catch_signals },
+        { "channel", lsse_server_channel },
         { "close", server_gc },
         { NULL, NULL },
     };
@@ -851,6 +831,8 @@ void lsse_open_server(lua_State *L)
         { "close", stream_close },
         { "on_close", stream_on_close },
         { "pending", stream_pending },
+        { "subscribe", lsse_stream_subscribe },
+        { "unsubscribe", lsse_stream_unsubscribe },
         { NULL, NULL },
     };
     static const luaL_Reg stream_meta[] = {
@@ -874,6 +856,7 @@ void lsse_open_server(lua_State *L)
     lua_getfield(L, -1, "methods");
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
+    lsse_open_channel(L);
     lua_pushcfunction(L, server_new);
     lua_setfield(L, -2, "server");
 }

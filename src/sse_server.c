@@ -77,6 +77,7 @@ struct sse_stream {
     unsigned               in_ready : 1;
     unsigned               want_drain : 1;
     size_t                 low_water;
+    int                    fd;          /* the connection's socket (owned by MHD) */
     sse_watch              hup;         /* fd = -1 when not watched */
     sse_timer              heartbeat;
     unsigned               heartbeat_ms;
@@ -245,6 +246,7 @@ static void stream_completed(sse_stream *st)
         st->next->prev = st->prev;
     st->prev = st->next = NULL;
     st->conn = NULL;
+    st->fd = -1;
     st->completed = 1;
     st->suspended = 0;
     sse_queue_clear(&st->q);
@@ -423,6 +425,7 @@ sse_stream *sse_request_stream(sse_request *r, const sse_header *h, size_t nh,
     st->srv = srv;
     st->refs = 2;
     st->hup.fd = -1;
+    st->fd = -1;
     st->heartbeat_ms = heartbeat_ms;
     st->last_write = sse_loop_now(srv->loop);
     sse_timer_init(&st->heartbeat, on_heartbeat);
@@ -456,6 +459,7 @@ sse_stream *sse_request_stream(sse_request *r, const sse_header *h, size_t nh,
     const union MHD_ConnectionInfo *ci =
         MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
     if (ci) {
+        st->fd = ci->connect_fd;
         st->hup.fd = ci->connect_fd;
         st->hup.cb = on_hangup;
         if (sse_loop_watch(srv->loop, &st->hup, EPOLLRDHUP) != 0)
@@ -559,6 +563,11 @@ void sse_stream_abort(sse_stream *st)
         return;
     st->dead = 1;
     sse_queue_clear(&st->q);
+    /* A client that stopped reading blocks MHD in a send, so the reader (which would
+     * return the error) is never called again: shut the socket down instead, and MHD's
+     * next send fails and closes the connection. */
+    if (!st->suspended && st->fd >= 0)
+        shutdown(st->fd, SHUT_RDWR);
     wake(st);
 }
 

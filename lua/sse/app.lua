@@ -9,6 +9,7 @@ local cjson = require("cjson")
 local M = {}
 
 local type, pairs, ipairs, tostring, error = type, pairs, ipairs, tostring, error
+local getmetatable = getmetatable
 local xpcall, traceback, concat = xpcall, debug.traceback, table.concat
 local lower = string.lower
 
@@ -79,6 +80,7 @@ function M.new(opts)
     host = opts.host or "127.0.0.1",
     _routes = router.new(),
     _before = {},
+    _channels = {},
     _heartbeat = opts.heartbeat == nil and 15 or opts.heartbeat,
     _retry = opts.retry,
     _cors = compile_cors(opts.cors),
@@ -154,6 +156,34 @@ function App:static(prefix, dir)
   return self
 end
 
+local function is_channel(v)
+  local mt = getmetatable(v)
+  return type(mt) == "table" and mt.__name == "sse.channel"
+end
+
+-- ---- channels ----
+
+-- Same name, same channel. history: how many recent events are kept for replay.
+function App:channel(name, opts)
+  if type(name) ~= "string" or name == "" then
+    error("app:channel: name must be a non-empty string", 2)
+  end
+  opts = opts or {}
+  check_options(opts, { history = "number" }, "app:channel")
+  local history = opts.history
+  if history ~= nil and (math.type(history) ~= "integer" or history < 0 or history > 1000000) then
+    error("app:channel: option 'history' must be an integer from 0 to 1000000", 2)
+  end
+  local ch = self._channels[name]
+  if not ch then
+    ch = self._core:channel(name, history or 100)
+    self._channels[name] = ch
+  elseif history ~= nil and history ~= ch.history then
+    error("app:channel: channel '" .. name .. "' exists with history " .. ch.history, 2)
+  end
+  return ch
+end
+
 local STREAM_OPTIONS = {
   method = "string", format = "string", retry = "number", heartbeat = "number|boolean",
   headers = "table",
@@ -164,8 +194,13 @@ function App:stream(pattern, source, opts)
   check_options(opts, STREAM_OPTIONS, "app:stream")
   check_seconds(opts.heartbeat, "heartbeat", "app:stream")
   check_retry(opts.retry, "app:stream")
-  if type(source) ~= "function" then
-    error("app:stream: source must be a function(stream, req)", 2)
+  if is_channel(source) then
+    local ch = source
+    source = function(stream, req)
+      stream:subscribe(ch, req.last_event_id or false)
+    end
+  elseif type(source) ~= "function" then
+    error("app:stream: source must be a function(stream, req) or a channel", 2)
   end
   if opts.format ~= nil and opts.format ~= "sse" then
     error("app:stream: format '" .. tostring(opts.format) .. "' is not supported", 2)

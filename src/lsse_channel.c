@@ -1,0 +1,192 @@
+/* The binding of sse_channel: app channels, publish, and stream:subscribe.
+ * Channels belong to the server object (freed after its last stream); a channel
+ * userdata keeps the server userdata alive through its user value. */
+#include "lsse.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct lsse_channel {
+    sse_channel *ch;
+    lsse_server *b;
+} lsse_channel;
+
+static lsse_channel *check_channel(lua_State *L, int idx)
+{
+    lsse_channel *c = luaL_checkudata(L, idx, CHANNEL_MT);
+    if (!c->b->loop)
+        luaL_error(L, "attempt to use a channel of a closed app");
+    return c;
+}
+
+/* server:channel(name, history) -> a new channel (the facade keeps one per name). */
+int lsse_server_channel(lua_State *L)
+{
+    lsse_server *b = lsse_check_server(L, 1);
+    const char *name = luaL_checkstring(L, 2);
+    lua_Integer history = luaL_optinteger(L, 3, 100);
+    luaL_argcheck(L, history >= 0 && history <= 1000000, 3, "history must be 0 to 1000000");
+    if (b->nchannels == b->channels_cap) {
+        unsigned ncap = b->channels_cap ? b->channels_cap * 2 : 8;
+        sse_channel **a = realloc(b->channels, ncap * sizeof *a);
+        if (!a)
+            return luaL_error(L, "out of memory");
+        b->channels = a;
+        b->channels_cap = ncap;
+    }
+    lsse_channel *c = lua_newuserdatauv(L, sizeof *c, 1);
+    c->b = b;
+    c->ch = sse_channel_new(name, (unsigned)history, &b->seq);
+    if (!c->ch)
+        return luaL_error(L, "out of memory");
+    b->channels[b->nchannels++] = c->ch;
+    lua_pushvalue(L, 1);
+    lua_setiuservalue(L, -2, 1);
+    luaL_setmetatable(L, CHANNEL_MT);
+    return 1;
+}
+
+void lsse_free_channels(lsse_server *b)
+{
+    for (unsigned i = 0; i < b->nchannels; i++)
+        sse_channel_free(b->channels[i]);
+    free(b->channels);
+    b->channels = NULL;
+    b->nchannels = b->channels_cap = 0;
+}
+
+/* ch:publish(ev) -> id */
+static int channel_publish(lua_State *L)
+{
+    lsse_channel *c = check_channel(L, 1);
+    sse_event ev;
+    lsse_check_event(L, 2, "channel:publish", &ev);
+    uint64_t seq = sse_channel_publish(c->ch, &ev);
+    if (!seq)
+        return luaL_error(L, "channel:publish: out of memory");
+    if (ev.id)
+        lua_pushlstring(L, ev.id, ev.id_len);
+    else
+        lua_pushfstring(L, "%I", (lua_Integer)seq);
+    return 1;
+}
+
+static int channel_index(lua_State *L)
+{
+    lsse_channel *c = check_channel(L, 1);
+    const char *k = luaL_checkstring(L, 2);
+    if (strcmp(k, "subscribers") == 0)
+        lua_pushinteger(L, sse_channel_subscribers(c->ch));
+    else if (strcmp(k, "name") == 0)
+        lua_pushstring(L, sse_channel_name(c->ch));
+    else if (strcmp(k, "history") == 0)
+        lua_pushinteger(L, sse_channel_history(c->ch));
+    else if (strcmp(k, "publish") == 0)
+        lua_pushcfunction(L, channel_publish);
+    else
+        lua_pushnil(L);
+    return 1;
+}
+
+static int channel_tostring(lua_State *L)
+{
+    lsse_channel *c = luaL_checkudata(L, 1, CHANNEL_MT);
+    lua_pushfstring(L, "sse.channel (%s)", c->b->loop ? sse_channel_name(c->ch) : "closed");
+    return 1;
+}
+
+/* The event a client gets first when events after its id are no longer kept:
+ *   event: gap
+ *   data: {"channel":"<name>","last_event_id":"<id>"}
+ * It has no id, so the client's last event id stays as it was. */
+static sse_chunk *gap_event(lua_State *L, const char *channel, const char *last_id, size_t len)
+{
+    int top = lua_gettop(L);
+    lua_createtable(L, 0, 2);
+    lua_pushliteral(L, "gap");
+    lua_setfield(L, -2, "event");
+    lua_createtable(L, 0, 2);
+    lua_pushstring(L, channel);
+    lua_setfield(L, -2, "channel");
+    lua_pushlstring(L, last_id, len);
+    lua_setfield(L, -2, "last_event_id");
+    lua_setfield(L, -2, "data");
+    sse_event ev;
+    lsse_check_event(L, top + 1, "stream:subscribe", &ev);
+    size_t n = sse_frame_size(&ev);
+    sse_chunk *c = sse_chunk_new(n);
+    if (c)
+        c->len = sse_frame_write(&ev, c->data);
+    lua_settop(L, top);
+    return c;
+}
+
+/* stream:subscribe(ch [, last_event_id]) -> replayed, missed
+ * Without the argument the request's last event id is used; false: no replay. */
+int lsse_stream_subscribe(lua_State *L)
+{
+    lsse_stream *s = luaL_checkudata(L, 1, STREAM_MT);
+    lsse_channel *c = check_channel(L, 2);
+    if (!s->st || !sse_stream_open(s->st)) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "closed");
+        return 2;
+    }
+    if (lua_isnone(L, 3)) {
+        lua_getiuservalue(L, 1, UV_REQ);
+        lua_getfield(L, -1, "last_event_id");
+        lua_replace(L, 3);
+        lua_settop(L, 3);
+    }
+    size_t len = 0;
+    const char *last = NULL;
+    if (lua_toboolean(L, 3))
+        last = luaL_checklstring(L, 3, &len);
+    uint64_t after;
+    int missed;
+    unsigned n = sse_channel_resume_point(c->ch, last, len, &after, &missed);
+    sse_chunk *gap = missed ? gap_event(L, sse_channel_name(c->ch), last, len) : NULL;
+    int rc = sse_subscribe(&s->sub, c->ch, last != NULL, after, gap);
+    sse_chunk_unref(gap);
+    if (rc < 0)
+        return luaL_error(L, "stream:subscribe: out of memory");
+    if (rc == 1) {          /* already subscribed: nothing new to replay */
+        n = 0;
+        missed = 0;
+    }
+    /* The generator's own subscriptions replay when it yields (so several merge in
+     * order); from anywhere else, now. */
+    if (L != s->co)
+        sse_subscriber_flush(&s->sub);
+    lua_pushinteger(L, n);
+    lua_pushboolean(L, missed);
+    return 2;
+}
+
+int lsse_stream_unsubscribe(lua_State *L)
+{
+    lsse_stream *s = luaL_checkudata(L, 1, STREAM_MT);
+    lsse_channel *c = check_channel(L, 2);
+    if (!s->st) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    int rc = sse_unsubscribe(&s->sub, c->ch);
+    /* A stream kept open only for its channels ends with its last subscription. */
+    if (rc == 0 && !s->sub.subs && s->wait == WAIT_FOREVER && lua_status(s->co) == LUA_OK)
+        sse_stream_close(s->st);
+    lua_pushboolean(L, rc == 0);
+    return 1;
+}
+
+void lsse_open_channel(lua_State *L)
+{
+    static const luaL_Reg meta[] = {
+        { "__index", channel_index },
+        { "__tostring", channel_tostring },
+        { NULL, NULL },
+    };
+    luaL_newmetatable(L, CHANNEL_MT);
+    luaL_setfuncs(L, meta, 0);
+    lua_pop(L, 1);
+}

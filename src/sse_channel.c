@@ -1,0 +1,335 @@
+#include "sse_channel.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct sse_sub {
+    sse_channel    *ch;
+    sse_subscriber *owner;
+    unsigned        slot;      /* index in ch->subs */
+    sse_sub        *next;      /* the owner's next subscription */
+};
+
+typedef struct entry {
+    uint64_t    seq;
+    sse_chunk  *chunk;
+    const char *id;            /* points into chunk->data: chunks never change */
+    size_t      id_len;
+} entry;
+
+struct sse_channel {
+    char      *name;
+    uint64_t  *seq;            /* the app-wide counter */
+    sse_sub  **subs;
+    unsigned   nsubs, subs_cap;
+    entry     *hist;           /* ring of the last `history` events */
+    unsigned   history, head, count;
+    uint64_t   dropped;        /* newest sequence number no longer kept (0: none) */
+};
+
+sse_channel *sse_channel_new(const char *name, unsigned history, uint64_t *seq)
+{
+    sse_channel *ch = calloc(1, sizeof *ch);
+    if (!ch)
+        return NULL;
+    ch->name = strdup(name);
+    ch->hist = history ? calloc(history, sizeof *ch->hist) : NULL;
+    if (!ch->name || (history && !ch->hist)) {
+        free(ch->name);
+        free(ch->hist);
+        free(ch);
+        return NULL;
+    }
+    ch->history = history;
+    ch->seq = seq;
+    return ch;
+}
+
+void sse_channel_free(sse_channel *ch)
+{
+    if (!ch)
+        return;
+    for (unsigned i = 0; i < ch->count; i++)
+        sse_chunk_unref(ch->hist[(ch->head + i) % ch->history].chunk);
+    free(ch->hist);
+    free(ch->subs);
+    free(ch->name);
+    free(ch);
+}
+
+const char *sse_channel_name(const sse_channel *ch) { return ch->name; }
+unsigned sse_channel_subscribers(const sse_channel *ch) { return ch->nsubs; }
+unsigned sse_channel_history(const sse_channel *ch) { return ch->history; }
+
+static entry *hist_at(const sse_channel *ch, unsigned i)
+{
+    return &ch->hist[(ch->head + i) % ch->history];
+}
+
+static void remember(sse_channel *ch, uint64_t seq, sse_chunk *c, const char *id, size_t id_len)
+{
+    if (ch->history == 0) {
+        ch->dropped = seq;
+        return;
+    }
+    if (ch->count == ch->history) {
+        entry *old = hist_at(ch, 0);
+        ch->dropped = old->seq;
+        sse_chunk_unref(old->chunk);
+        ch->head = (ch->head + 1) % ch->history;
+        ch->count--;
+    }
+    entry *e = hist_at(ch, ch->count++);
+    e->seq = seq;
+    e->chunk = c;
+    e->id = id;
+    e->id_len = id_len;
+    sse_chunk_ref(c);
+}
+
+static int hold(sse_subscriber *sb, uint64_t seq, sse_chunk *c)
+{
+    if (sb->nheld == sb->held_cap) {
+        unsigned ncap = sb->held_cap ? sb->held_cap * 2 : 8;
+        sse_held *h = realloc(sb->held, ncap * sizeof *h);
+        if (!h)
+            return -ENOMEM;
+        sb->held = h;
+        sb->held_cap = ncap;
+    }
+    sb->held[sb->nheld].seq = seq;
+    sb->held[sb->nheld].chunk = c;
+    sb->nheld++;
+    sse_chunk_ref(c);
+    return 0;
+}
+
+uint64_t sse_channel_publish(sse_channel *ch, const sse_event *ev)
+{
+    uint64_t seq = ++*ch->seq;
+    sse_event e = *ev;
+    char num[24];
+    if (!e.id) {
+        e.id_len = (size_t)snprintf(num, sizeof num, "%llu", (unsigned long long)seq);
+        e.id = num;
+    }
+    size_t n = sse_frame_size(&e);
+    sse_chunk *c = sse_chunk_new(n);
+    if (!c)
+        return 0;
+    c->len = sse_frame_write(&e, c->data);
+    /* The id as sent, found inside the encoded bytes so the history needs no copy. */
+    const char *sent_id = NULL;
+    size_t sent_len = e.id_len;
+    for (size_t i = 0; i + 4 + e.id_len <= c->len; i++) {
+        if ((i == 0 || c->data[i - 1] == '\n') && memcmp(c->data + i, "id: ", 4) == 0) {
+            sent_id = c->data + i + 4;
+            break;
+        }
+    }
+    remember(ch, seq, c, sent_id, sent_len);
+    for (unsigned i = 0; i < ch->nsubs; i++) {
+        sse_subscriber *sb = ch->subs[i]->owner;
+        /* While a replay is pending everything waits for it, so ids stay in order. */
+        if (sb->npending)
+            hold(sb, seq, c);
+        else
+            sse_stream_push(sb->st, c);   /* may drop a slow client: that is logged */
+    }
+    sse_chunk_unref(c);
+    return seq;
+}
+
+/* Is s a decimal number that fits, as sequence-number ids are? */
+static int parse_seq(const char *s, size_t len, uint64_t *out)
+{
+    if (len == 0 || len > 19)
+        return 0;
+    uint64_t v = 0;
+    for (size_t i = 0; i < len; i++) {
+        if (s[i] < '0' || s[i] > '9')
+            return 0;
+        v = v * 10 + (uint64_t)(s[i] - '0');
+    }
+    *out = v;
+    return 1;
+}
+
+unsigned sse_channel_resume_point(const sse_channel *ch, const char *last_id, size_t len,
+                                  uint64_t *after, int *missed)
+{
+    *missed = 0;
+    if (!last_id) {
+        *after = *ch->seq;
+        return 0;
+    }
+    /* An id of ours (a kept event's own id) wins over reading it as a number. */
+    int found = 0;
+    for (unsigned i = ch->count; i-- > 0;) {
+        const entry *e = hist_at(ch, i);
+        if (e->id && e->id_len == len && memcmp(e->id, last_id, len) == 0) {
+            *after = e->seq;
+            found = 1;
+            break;
+        }
+    }
+    if (!found && !parse_seq(last_id, len, after)) {
+        /* Unknown id: replay what is kept and say that more may be missing. */
+        *after = 0;
+        *missed = ch->dropped > 0 || ch->count > 0;
+    } else if (!found && *after > *ch->seq) {
+        /* From the future (ids of an earlier run of the server): nothing is known. */
+        *after = 0;
+        *missed = ch->dropped > 0 || ch->count > 0;
+    } else if (ch->dropped > *after) {
+        *missed = 1;
+    }
+    unsigned n = 0;
+    for (unsigned i = 0; i < ch->count; i++)
+        if (hist_at(ch, i)->seq > *after)
+            n++;
+    return n;
+}
+
+static sse_sub *find_sub(const sse_subscriber *sb, const sse_channel *ch)
+{
+    for (sse_sub *s = sb->subs; s; s = s->next)
+        if (s->ch == ch)
+            return s;
+    return NULL;
+}
+
+int sse_subscribe(sse_subscriber *sb, sse_channel *ch, int replay, uint64_t after,
+                  sse_chunk *gap)
+{
+    if (find_sub(sb, ch))
+        return 1;
+    if (ch->nsubs == ch->subs_cap) {
+        unsigned ncap = ch->subs_cap ? ch->subs_cap * 2 : 16;
+        sse_sub **s = realloc(ch->subs, ncap * sizeof *s);
+        if (!s)
+            return -ENOMEM;
+        ch->subs = s;
+        ch->subs_cap = ncap;
+    }
+    if (replay && sb->npending == sb->pending_cap) {
+        unsigned ncap = sb->pending_cap ? sb->pending_cap * 2 : 4;
+        sse_pending *p = realloc(sb->pending, ncap * sizeof *p);
+        if (!p)
+            return -ENOMEM;
+        sb->pending = p;
+        sb->pending_cap = ncap;
+    }
+    sse_sub *sub = malloc(sizeof *sub);
+    if (!sub)
+        return -ENOMEM;
+    sub->ch = ch;
+    sub->owner = sb;
+    sub->slot = ch->nsubs;
+    sub->next = sb->subs;
+    sb->subs = sub;
+    ch->subs[ch->nsubs++] = sub;
+    if (replay) {
+        if (gap)
+            sse_chunk_ref(gap);
+        sb->pending[sb->npending++] = (sse_pending){ ch, after, gap };
+    }
+    return 0;
+}
+
+static void drop_pending(sse_subscriber *sb, unsigned i)
+{
+    sse_chunk_unref(sb->pending[i].gap);
+    sb->pending[i] = sb->pending[--sb->npending];
+}
+
+int sse_unsubscribe(sse_subscriber *sb, sse_channel *ch)
+{
+    sse_sub **link = &sb->subs;
+    while (*link && (*link)->ch != ch)
+        link = &(*link)->next;
+    sse_sub *sub = *link;
+    if (!sub)
+        return -1;
+    *link = sub->next;
+    sse_sub *last = ch->subs[--ch->nsubs];
+    ch->subs[sub->slot] = last;
+    last->slot = sub->slot;
+    free(sub);
+    for (unsigned i = 0; i < sb->npending; i++)
+        if (sb->pending[i].ch == ch) {
+            drop_pending(sb, i);
+            break;
+        }
+    return 0;
+}
+
+int sse_subscriber_has_pending(const sse_subscriber *sb)
+{
+    return sb->npending > 0;
+}
+
+static int by_seq(const void *a, const void *b)
+{
+    uint64_t x = ((const sse_held *)a)->seq, y = ((const sse_held *)b)->seq;
+    return x < y ? -1 : x > y;
+}
+
+int sse_subscriber_flush(sse_subscriber *sb)
+{
+    if (!sb->npending)
+        return 0;
+    /* Everything to send: the kept events after each resume point, and the held live
+     * ones (which may also be kept: duplicates go after sorting). */
+    size_t n = sb->nheld;
+    for (unsigned p = 0; p < sb->npending; p++) {
+        const sse_channel *ch = sb->pending[p].ch;
+        for (unsigned i = 0; i < ch->count; i++)
+            n += hist_at(ch, i)->seq > sb->pending[p].after;
+    }
+    sse_held *all = malloc((n ? n : 1) * sizeof *all);
+    if (!all)
+        return -ENOMEM;
+    size_t k = 0;
+    for (unsigned i = 0; i < sb->nheld; i++)
+        all[k++] = sb->held[i];
+    for (unsigned p = 0; p < sb->npending; p++) {
+        const sse_channel *ch = sb->pending[p].ch;
+        for (unsigned i = 0; i < ch->count; i++) {
+            const entry *e = hist_at(ch, i);
+            if (e->seq > sb->pending[p].after)
+                all[k++] = (sse_held){ e->seq, e->chunk };
+        }
+    }
+    qsort(all, k, sizeof *all, by_seq);
+    for (unsigned p = 0; p < sb->npending; p++)
+        if (sb->pending[p].gap)
+            sse_stream_push(sb->st, sb->pending[p].gap);
+    for (size_t i = 0; i < k; i++)
+        if (i == 0 || all[i].seq != all[i - 1].seq)
+            sse_stream_push(sb->st, all[i].chunk);
+    free(all);
+    for (unsigned i = 0; i < sb->nheld; i++)
+        sse_chunk_unref(sb->held[i].chunk);
+    sb->nheld = 0;
+    while (sb->npending)
+        drop_pending(sb, sb->npending - 1);
+    return 0;
+}
+
+void sse_subscriber_clear(sse_subscriber *sb)
+{
+    while (sb->subs)
+        sse_unsubscribe(sb, sb->subs->ch);
+    while (sb->npending)
+        drop_pending(sb, sb->npending - 1);
+    for (unsigned i = 0; i < sb->nheld; i++)
+        sse_chunk_unref(sb->held[i].chunk);
+    free(sb->held);
+    free(sb->pending);
+    sb->held = NULL;
+    sb->pending = NULL;
+    sb->nheld = sb->held_cap = sb->npending = sb->pending_cap = 0;
+}
