@@ -202,6 +202,39 @@ describe("sse.app channels", function()
       assert.are.same({ "2", "3", "4", "5" }, ids(c))
     end)
 
+    -- regression: events to replay were read from the history at the flush, so a publish
+    -- in the same turn could push one out of a short history, lost with no gap signal
+    it("keeps the events to replay even when publishes in the same turn overflow the history", function()
+      local app = client.app()
+      local ch = app:channel("c", { history = 2 })
+      for i = 1, 3 do ch:publish("e" .. i) end
+      local said
+      app:stream("/s", function(stream, req)
+        said = { stream:subscribe(ch, req.last_event_id) }
+        ch:publish("same turn")
+      end)
+      assert(app:listen())
+      local c = client.connect(app, "/s", { headers = { ["Last-Event-ID"] = "1" } })
+      c:wait_events(3)
+      client.run_for(app, 0.05)
+      assert.are.same({ 2, false }, said)
+      assert.are.same({ "e2", "e3", "same turn" }, c:data())
+    end)
+
+    it("sends the replay before what the generator sends directly after subscribing", function()
+      local app = client.app()
+      local ch = app:channel("c")
+      ch:publish("old")
+      app:stream("/s", function(stream, req)
+        stream:subscribe(ch, req.last_event_id)
+        stream:send({ event = "snapshot", data = "now" })
+      end)
+      assert(app:listen())
+      local c = client.connect(app, "/s", { headers = { ["Last-Event-ID"] = "0" } })
+      c:wait_events(2)
+      assert.are.same({ "old", "now" }, c:data())
+    end)
+
     it("one id resumes several channels, merged in publish order", function()
       local app = client.app()
       local a, b = app:channel("a"), app:channel("b")

@@ -99,7 +99,8 @@ static int channel_tostring(lua_State *L)
  *   event: gap
  *   data: {"channel":"<name>","last_event_id":"<id>"}
  * It has no id, so the client's last event id stays as it was. */
-static sse_chunk *gap_event(lua_State *L, const char *channel, const char *last_id, size_t len)
+static sse_chunk *gap_event(lua_State *L, int format, const char *channel,
+                            const char *last_id, size_t len)
 {
     int top = lua_gettop(L);
     lua_createtable(L, 0, 2);
@@ -113,10 +114,10 @@ static sse_chunk *gap_event(lua_State *L, const char *channel, const char *last_
     lua_setfield(L, -2, "data");
     sse_event ev;
     lsse_check_event(L, top + 1, "stream:subscribe", &ev);
-    size_t n = sse_frame_size(&ev);
-    sse_chunk *c = sse_chunk_new(n);
+    int nd = format == SSE_FORMAT_NDJSON;
+    sse_chunk *c = sse_chunk_new(nd ? sse_frame_ndjson_size(&ev) : sse_frame_size(&ev));
     if (c)
-        c->len = sse_frame_write(&ev, c->data);
+        c->len = nd ? sse_frame_ndjson_write(&ev, c->data) : sse_frame_write(&ev, c->data);
     lua_settop(L, top);
     return c;
 }
@@ -145,7 +146,7 @@ int lsse_stream_subscribe(lua_State *L)
     uint64_t after;
     int missed;
     unsigned n = sse_channel_resume_point(c->ch, last, len, &after, &missed);
-    sse_chunk *gap = missed ? gap_event(L, sse_channel_name(c->ch), last, len) : NULL;
+    sse_chunk *gap = missed ? gap_event(L, s->sub.format, sse_channel_name(c->ch), last, len) : NULL;
     int rc = sse_subscribe(&s->sub, c->ch, last != NULL, after, gap);
     sse_chunk_unref(gap);
     if (rc < 0)

@@ -64,6 +64,7 @@ static int data_to_text(lua_State *L, const char *fname, sse_event *ev)
         /* Literals live forever: nothing to anchor. */
         ev->data = lua_toboolean(L, -1) ? "true" : "false";
         ev->data_len = strlen(ev->data);
+        ev->data_json = 1;
         return 0;
     case LUA_TTABLE:
         push_json_encoder(L, fname);
@@ -73,9 +74,15 @@ static int data_to_text(lua_State *L, const char *fname, sse_event *ev)
         if (lua_type(L, -1) != LUA_TSTRING)
             luaL_error(L, "%s: field 'data': cjson.encode did not return a string", fname);
         ev->data = lua_tolstring(L, -1, &ev->data_len);
+        ev->data_json = 1;
         return 1;
+    case LUA_TNUMBER: {
+        /* Finite numbers print as valid JSON numbers too ("inf" and "nan" do not). */
+        lua_Number x = lua_tonumber(L, -1);
+        ev->data_json = x == x && x - x == 0;
+        return to_text(L, fname, "data", &ev->data, &ev->data_len);
+    }
     case LUA_TSTRING:
-    case LUA_TNUMBER:
         return to_text(L, fname, "data", &ev->data, &ev->data_len);
     default:
         return luaL_error(L, "%s: field 'data' must be a string, number, boolean or table", fname);

@@ -108,6 +108,14 @@ static int closed_result(lua_State *L, lsse_stream *s)
 
 static void resume_generator(lsse_stream *s, int nargs);
 
+/* Replays of this turn's subscriptions go out before anything sent directly, so a
+ * client sees history first, then what the generator says next. */
+static void flush_replay(lsse_stream *s)
+{
+    if (sse_subscriber_has_pending(&s->sub))
+        sse_subscriber_flush(&s->sub);
+}
+
 static void stream_wait_drain(lsse_stream *s)
 {
     s->wait = WAIT_DRAIN;
@@ -136,11 +144,16 @@ static int stream_send(lua_State *L)
     lsse_check_event(L, 2, "stream:send", &ev);
     if (!stream_is_open(s))
         return closed_result(L, s);
-    size_t n = sse_frame_size(&ev);
+    flush_replay(s);
+    int nd = s->sub.format == SSE_FORMAT_NDJSON;
+    size_t n = nd ? sse_frame_ndjson_size(&ev) : sse_frame_size(&ev);
     char *p = sse_stream_reserve(s->st, n);
     if (!p)
         return sent(L, s, -ENOMEM);
-    sse_frame_write(&ev, p);
+    if (nd)
+        sse_frame_ndjson_write(&ev, p);
+    else
+        sse_frame_write(&ev, p);
     return sent(L, s, sse_stream_commit(s->st, n));
 }
 
@@ -151,6 +164,9 @@ static int stream_comment(lua_State *L)
     const char *text = luaL_optlstring(L, 2, "", &len);
     if (!stream_is_open(s))
         return closed_result(L, s);
+    flush_replay(s);
+    if (s->sub.format == SSE_FORMAT_NDJSON)   /* NDJSON has no comments: a blank line */
+        return sent(L, s, sse_stream_write(s->st, "\n", 1));
     size_t n = sse_frame_comment_size(text, len);
     char *p = sse_stream_reserve(s->st, n);
     if (!p)
@@ -167,6 +183,7 @@ static int stream_write(lua_State *L)
     const char *p = luaL_checklstring(L, 2, &len);
     if (!stream_is_open(s))
         return closed_result(L, s);
+    flush_replay(s);
     return sent(L, s, sse_stream_write(s->st, p, len));
 }
 
@@ -286,8 +303,8 @@ static void resume_generator(lsse_stream *s, int nargs)
     s->wait = WAIT_NONE;
     int rc = lua_resume(co, L, nargs, &nres);
     /* Subscriptions made in this turn replay now, merged in publish order. */
-    if (s->st && sse_subscriber_has_pending(&s->sub))
-        sse_subscriber_flush(&s->sub);
+    if (s->st)
+        flush_replay(s);
     if (rc == LUA_YIELD) {
         lua_pop(co, nres);
         if (s->wait == WAIT_NONE && s->st) {
@@ -488,6 +505,10 @@ static int handle_request(lua_State *L)
     lua_Number hb = lua_toboolean(L, 5) ? luaL_checknumber(L, 5) : 0;
     lua_getfield(L, 3, "retry");
     lua_Integer retry = lua_isnil(L, 6) ? -1 : luaL_checkinteger(L, 6);
+    lua_getfield(L, 3, "format");
+    int format = lua_isnil(L, 7) ? SSE_FORMAT_SSE
+               : strcmp(luaL_checkstring(L, 7), "ndjson") == 0 ? SSE_FORMAT_NDJSON : SSE_FORMAT_SSE;
+    lua_pop(L, 1);
 
     lsse_stream *s = lua_newuserdatauv(L, sizeof *s, UV_COUNT);
     memset(s, 0, sizeof *s);
@@ -506,13 +527,17 @@ static int handle_request(lua_State *L)
     lua_setiuservalue(L, -2, UV_FIELDS);
     luaL_setmetatable(L, STREAM_MT);
 
-    s->st = sse_request_stream(r, h, nh, hb > 0 ? (unsigned)llround(hb * 1000.0) : 0);
+    s->sub.format = format;
+    s->st = sse_request_stream(r, h, nh, hb > 0 ? (unsigned)llround(hb * 1000.0) : 0,
+                               format == SSE_FORMAT_NDJSON ? "\n" : ":\n\n");
     if (!s->st)
         return luaL_error(L, "could not start the stream");
     sse_stream_set_ud(s->st, s);
     s->sub.st = s->st;
     lua_pushvalue(L, -1);
     s->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    if (format == SSE_FORMAT_NDJSON)
+        return 0;
     /* Something for the client at once, so EventSource fires "open" and proxies
      * pass the headers on. */
     char first[48];
@@ -681,14 +706,17 @@ static int server_new(lua_State *L)
 static int server_listen(lua_State *L)
 {
     lsse_server *b = lsse_check_server(L, 1);
-    char err[256];
+    const char *cert = luaL_optstring(L, 2, NULL);
+    const char *key = luaL_optstring(L, 3, NULL);
+    char err[512];
     b->L = L;
-    int rc = sse_server_listen(b->srv, err, sizeof err);
+    int rc = sse_server_listen(b->srv, cert, key, err, sizeof err);
     if (rc) {
         lua_pushnil(L);
         lua_pushstring(L, err);
         lua_pushstring(L, rc == -EADDRINUSE ? "EADDRINUSE" : rc == -EACCES ? "EACCES"
-                          : rc == -EADDRNOTAVAIL ? "EADDRNOTAVAIL" : rc == -EINVAL ? "EINVAL" : "EIO");
+                          : rc == -EADDRNOTAVAIL ? "EADDRNOTAVAIL" : rc == -EINVAL ? "EINVAL"
+                          : rc == -ENOTSUP ? "ENOTSUP" : "EIO");
         return 3;
     }
     lua_pushboolean(L, 1);

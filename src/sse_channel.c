@@ -14,7 +14,8 @@ struct sse_sub {
 
 typedef struct entry {
     uint64_t    seq;
-    sse_chunk  *chunk;
+    sse_chunk  *chunk;         /* the SSE form */
+    sse_chunk  *nd;            /* the NDJSON form */
     const char *id;            /* points into chunk->data: chunks never change */
     size_t      id_len;
 } entry;
@@ -51,8 +52,10 @@ void sse_channel_free(sse_channel *ch)
 {
     if (!ch)
         return;
-    for (unsigned i = 0; i < ch->count; i++)
+    for (unsigned i = 0; i < ch->count; i++) {
         sse_chunk_unref(ch->hist[(ch->head + i) % ch->history].chunk);
+        sse_chunk_unref(ch->hist[(ch->head + i) % ch->history].nd);
+    }
     free(ch->hist);
     free(ch->subs);
     free(ch->name);
@@ -68,7 +71,13 @@ static entry *hist_at(const sse_channel *ch, unsigned i)
     return &ch->hist[(ch->head + i) % ch->history];
 }
 
-static void remember(sse_channel *ch, uint64_t seq, sse_chunk *c, const char *id, size_t id_len)
+static sse_chunk *form(const entry *e, int format)
+{
+    return format == SSE_FORMAT_NDJSON ? e->nd : e->chunk;
+}
+
+static void remember(sse_channel *ch, uint64_t seq, sse_chunk *c, sse_chunk *nd,
+                     const char *id, size_t id_len)
 {
     if (ch->history == 0) {
         ch->dropped = seq;
@@ -78,15 +87,18 @@ static void remember(sse_channel *ch, uint64_t seq, sse_chunk *c, const char *id
         entry *old = hist_at(ch, 0);
         ch->dropped = old->seq;
         sse_chunk_unref(old->chunk);
+        sse_chunk_unref(old->nd);
         ch->head = (ch->head + 1) % ch->history;
         ch->count--;
     }
     entry *e = hist_at(ch, ch->count++);
     e->seq = seq;
     e->chunk = c;
+    e->nd = nd;
     e->id = id;
     e->id_len = id_len;
     sse_chunk_ref(c);
+    sse_chunk_ref(nd);
 }
 
 static int hold(sse_subscriber *sb, uint64_t seq, sse_chunk *c)
@@ -117,9 +129,13 @@ uint64_t sse_channel_publish(sse_channel *ch, const sse_event *ev)
     }
     size_t n = sse_frame_size(&e);
     sse_chunk *c = sse_chunk_new(n);
-    if (!c)
+    sse_chunk *nd = c ? sse_chunk_new(sse_frame_ndjson_size(&e)) : NULL;
+    if (!nd) {
+        sse_chunk_unref(c);
         return 0;
+    }
     c->len = sse_frame_write(&e, c->data);
+    nd->len = sse_frame_ndjson_write(&e, nd->data);
     /* The id as sent, found inside the encoded bytes so the history needs no copy. */
     const char *sent_id = NULL;
     size_t sent_len = e.id_len;
@@ -129,15 +145,17 @@ uint64_t sse_channel_publish(sse_channel *ch, const sse_event *ev)
             break;
         }
     }
-    remember(ch, seq, c, sent_id, sent_len);
+    remember(ch, seq, c, nd, sent_id, sent_len);
     for (unsigned i = 0; i < ch->nsubs; i++) {
         sse_subscriber *sb = ch->subs[i]->owner;
+        sse_chunk *mine = sb->format == SSE_FORMAT_NDJSON ? nd : c;
         /* While a replay is pending everything waits for it, so ids stay in order. */
         if (sb->npending)
-            hold(sb, seq, c);
+            hold(sb, seq, mine);
         else
-            sse_stream_push(sb->st, c);   /* may drop a slow client: that is logged */
+            sse_stream_push(sb->st, mine);   /* may drop a slow client: that is logged */
     }
+    sse_chunk_unref(nd);
     sse_chunk_unref(c);
     return seq;
 }
@@ -214,17 +232,35 @@ int sse_subscribe(sse_subscriber *sb, sse_channel *ch, int replay, uint64_t afte
         ch->subs = s;
         ch->subs_cap = ncap;
     }
+    sse_held *events = NULL;
+    unsigned nevents = 0;
+    if (replay) {
+        unsigned n = 0;
+        for (unsigned i = 0; i < ch->count; i++)
+            n += hist_at(ch, i)->seq > after;
+        if (n && !(events = malloc(n * sizeof *events)))
+            return -ENOMEM;
+        for (unsigned i = 0; i < ch->count; i++) {
+            const entry *e = hist_at(ch, i);
+            if (e->seq > after) {
+                events[nevents].seq = e->seq;
+                events[nevents].chunk = form(e, sb->format);
+                sse_chunk_ref(events[nevents].chunk);
+                nevents++;
+            }
+        }
+    }
     if (replay && sb->npending == sb->pending_cap) {
         unsigned ncap = sb->pending_cap ? sb->pending_cap * 2 : 4;
         sse_pending *p = realloc(sb->pending, ncap * sizeof *p);
         if (!p)
-            return -ENOMEM;
+            goto nomem;
         sb->pending = p;
         sb->pending_cap = ncap;
     }
     sse_sub *sub = malloc(sizeof *sub);
     if (!sub)
-        return -ENOMEM;
+        goto nomem;
     sub->ch = ch;
     sub->owner = sb;
     sub->slot = ch->nsubs;
@@ -234,14 +270,23 @@ int sse_subscribe(sse_subscriber *sb, sse_channel *ch, int replay, uint64_t afte
     if (replay) {
         if (gap)
             sse_chunk_ref(gap);
-        sb->pending[sb->npending++] = (sse_pending){ ch, after, gap };
+        sb->pending[sb->npending++] = (sse_pending){ ch, gap, events, nevents };
     }
     return 0;
+nomem:
+    for (unsigned i = 0; i < nevents; i++)
+        sse_chunk_unref(events[i].chunk);
+    free(events);
+    return -ENOMEM;
 }
 
 static void drop_pending(sse_subscriber *sb, unsigned i)
 {
-    sse_chunk_unref(sb->pending[i].gap);
+    sse_pending *p = &sb->pending[i];
+    sse_chunk_unref(p->gap);
+    for (unsigned k = 0; k < p->nevents; k++)
+        sse_chunk_unref(p->events[k].chunk);
+    free(p->events);
     sb->pending[i] = sb->pending[--sb->npending];
 }
 
@@ -281,28 +326,20 @@ int sse_subscriber_flush(sse_subscriber *sb)
 {
     if (!sb->npending)
         return 0;
-    /* Everything to send: the kept events after each resume point, and the held live
-     * ones (which may also be kept: duplicates go after sorting). */
+    /* Everything to send: the events each subscription is to replay, and the held live
+     * ones (a held one may also be among those to replay: duplicates go after sorting). */
     size_t n = sb->nheld;
-    for (unsigned p = 0; p < sb->npending; p++) {
-        const sse_channel *ch = sb->pending[p].ch;
-        for (unsigned i = 0; i < ch->count; i++)
-            n += hist_at(ch, i)->seq > sb->pending[p].after;
-    }
+    for (unsigned p = 0; p < sb->npending; p++)
+        n += sb->pending[p].nevents;
     sse_held *all = malloc((n ? n : 1) * sizeof *all);
     if (!all)
         return -ENOMEM;
     size_t k = 0;
     for (unsigned i = 0; i < sb->nheld; i++)
         all[k++] = sb->held[i];
-    for (unsigned p = 0; p < sb->npending; p++) {
-        const sse_channel *ch = sb->pending[p].ch;
-        for (unsigned i = 0; i < ch->count; i++) {
-            const entry *e = hist_at(ch, i);
-            if (e->seq > sb->pending[p].after)
-                all[k++] = (sse_held){ e->seq, e->chunk };
-        }
-    }
+    for (unsigned p = 0; p < sb->npending; p++)
+        for (unsigned i = 0; i < sb->pending[p].nevents; i++)
+            all[k++] = sb->pending[p].events[i];
     qsort(all, k, sizeof *all, by_seq);
     for (unsigned p = 0; p < sb->npending; p++)
         if (sb->pending[p].gap)

@@ -4,7 +4,8 @@
  * queue gets a pointer to that chunk (no copy, no Lua call per subscriber), and the
  * channel keeps the last `history` chunks for replay. Every publish takes the next
  * number of an app-wide sequence; an event without an id is sent with that number as
- * its id, so one Last-Event-ID resumes any set of channels.
+ * its id, so one Last-Event-ID resumes any set of channels. Each publish is encoded in
+ * both stream formats (SSE and NDJSON): once each, whatever the subscribers.
  *
  * Replay without a seam: a subscription made with a last event id is "pending" until
  * sse_subscriber_flush. Until then live publishes to that subscriber are held; the
@@ -31,16 +32,22 @@ typedef struct sse_held {
     sse_chunk *chunk;
 } sse_held;
 
+/* How a subscriber's stream frames events (the channel keeps both forms). */
+enum { SSE_FORMAT_SSE = 0, SSE_FORMAT_NDJSON = 1 };
+
 typedef struct sse_pending {
     sse_channel *ch;
-    uint64_t     after;      /* replay kept events with a larger sequence number */
     sse_chunk   *gap;        /* sent first when events after the id are gone; or NULL */
+    sse_held    *events;     /* the kept events after the id, taken at subscribe time so
+                                that publishes before the flush cannot push them out */
+    unsigned     nevents;
 } sse_pending;
 
 /* One per stream: its subscriptions and its replay state. Embedded in the binding's
  * stream object; zero-initialised is valid. */
 typedef struct sse_subscriber {
     sse_stream  *st;
+    int          format;     /* SSE_FORMAT_* */
     sse_sub     *subs;       /* this stream's subscriptions */
     sse_pending *pending;    /* replays to send at the next flush */
     unsigned     npending, pending_cap;

@@ -206,3 +206,112 @@ size_t sse_frame_comment_write(const char *text, size_t len, char *out)
     *end++ = '\n';
     return (size_t)(end - out);
 }
+
+/* ---- NDJSON ---- */
+
+/* Bytes of s as the inside of a JSON string: quote, backslash and control bytes
+ * escaped; everything else (UTF-8 included) as it is. */
+static size_t json_escaped_size(const char *s, size_t n)
+{
+    size_t out = n;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c == '"' || c == '\\' || c == '\n' || c == '\r' || c == '\t')
+            out += 1;
+        else if (c < 0x20)
+            out += 5;           /* \u00XX */
+    }
+    return out;
+}
+
+static char *json_escaped_write(const char *s, size_t n, char *o)
+{
+    static const char hex[] = "0123456789abcdef";
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        switch (c) {
+        case '"':  *o++ = '\\'; *o++ = '"'; break;
+        case '\\': *o++ = '\\'; *o++ = '\\'; break;
+        case '\n': *o++ = '\\'; *o++ = 'n'; break;
+        case '\r': *o++ = '\\'; *o++ = 'r'; break;
+        case '\t': *o++ = '\\'; *o++ = 't'; break;
+        default:
+            if (c < 0x20) {
+                memcpy(o, "\\u00", 4);
+                o[4] = hex[c >> 4];
+                o[5] = hex[c & 15];
+                o += 6;
+            } else {
+                *o++ = (char)c;
+            }
+        }
+    }
+    return o;
+}
+
+size_t sse_frame_ndjson_size(const sse_event *ev)
+{
+    size_t n = 0;
+    int fields = 0;
+    if (ev->id) {
+        n += sizeof "\"id\":\"\"" - 1 + json_escaped_size(ev->id, ev->id_len);
+        fields++;
+    }
+    if (ev->event) {
+        n += sizeof "\"event\":\"\"" - 1 + json_escaped_size(ev->event, ev->event_len);
+        fields++;
+    }
+    if (ev->data) {
+        n += sizeof "\"data\":" - 1;
+        n += ev->data_json ? ev->data_len : 2 + json_escaped_size(ev->data, ev->data_len);
+        fields++;
+    }
+    if (fields == 0)
+        return 1;
+    return n + (size_t)(fields - 1) + 2 + 1;    /* commas, braces, newline */
+}
+
+static char *put_field(char *o, const char *sep, const char *lit)
+{
+    size_t a = strlen(sep), b = strlen(lit);
+    memcpy(o, sep, a);
+    memcpy(o + a, lit, b);
+    return o + a + b;
+}
+
+size_t sse_frame_ndjson_write(const sse_event *ev, char *out)
+{
+    char *o = out;
+    if (!ev->id && !ev->event && !ev->data) {
+        *o++ = '\n';
+        return 1;
+    }
+    *o++ = '{';
+    const char *sep = "";
+    if (ev->id) {
+        o = put_field(o, sep, "\"id\":\"");
+        o = json_escaped_write(ev->id, ev->id_len, o);
+        *o++ = '"';
+        sep = ",";
+    }
+    if (ev->event) {
+        o = put_field(o, sep, "\"event\":\"");
+        o = json_escaped_write(ev->event, ev->event_len, o);
+        *o++ = '"';
+        sep = ",";
+    }
+    if (ev->data) {
+        o = put_field(o, sep, "\"data\":");
+        if (ev->data_json) {
+            memcpy(o, ev->data, ev->data_len);
+            o += ev->data_len;
+        } else {
+            *o++ = '"';
+            o = json_escaped_write(ev->data, ev->data_len, o);
+            *o++ = '"';
+        }
+    }
+    *o++ = '}';
+    *o++ = '\n';
+    return (size_t)(o - out);
+}

@@ -22,9 +22,11 @@ typedef struct sse_event {
     const char *id;      size_t id_len;      /* NULL: no id field (an empty id is allowed: it resets) */
     const char *comment; size_t comment_len; /* NULL: no comment */
     long long   retry;                        /* < 0: no retry field */
+    int         data_json;                    /* data is JSON text (a table, number or
+                                                 boolean): NDJSON embeds it as it is */
 } sse_event;
 
-#define SSE_EVENT_INIT { NULL, 0, NULL, 0, NULL, 0, NULL, 0, -1 }
+#define SSE_EVENT_INIT { NULL, 0, NULL, 0, NULL, 0, NULL, 0, -1, 0 }
 
 /* 0 when the event can be encoded; otherwise -EINVAL and *why is set to a static
  * message naming the field, e.g. "field 'id' must not contain CR, LF or NUL". */
@@ -44,5 +46,13 @@ int sse_frame_encode(const sse_event *ev, sse_buf *b, const char **why);
  * ": line\n" per line of text (":\n" for an empty line), then "\n". */
 size_t sse_frame_comment_size(const char *text, size_t len);
 size_t sse_frame_comment_write(const char *text, size_t len, char *out);
+
+/* The NDJSON form of an event (format = "ndjson"): one JSON object on one line,
+ *   {"id":"<id>","event":"<event>","data":<data>}\n
+ * with only the fields the event has; data is embedded as it is when data_json is set,
+ * else as a JSON string. An event with none of these fields (a comment) is a blank
+ * line, which NDJSON readers skip: it serves as a heartbeat. retry has no NDJSON form. */
+size_t sse_frame_ndjson_size(const sse_event *ev);
+size_t sse_frame_ndjson_write(const sse_event *ev, char *out);
 
 #endif

@@ -47,6 +47,7 @@ struct sse_server {
     sse_watch          mhd_watch;      /* MHD's own epoll fd, nested in ours */
     int                resume_pending; /* a resume since the last MHD_run */
     int                shutting_down;
+    char               tls_error[256]; /* MHD's last message while starting */
     sse_stream        *streams;        /* streams whose connection is alive */
     sse_stream        *ready;          /* deferred stream_ready hooks */
     sse_stream        *closed;         /* deferred stream_closed hooks */
@@ -81,6 +82,7 @@ struct sse_stream {
     sse_watch              hup;         /* fd = -1 when not watched */
     sse_timer              heartbeat;
     unsigned               heartbeat_ms;
+    const char            *heartbeat_text;
     uint64_t               last_write;
     sse_stream            *prev, *next; /* srv->streams */
     sse_stream            *ready_next;
@@ -113,6 +115,8 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
         msg[--n] = '\0';
     /* MHD reports every reader abort (our way of closing a dead client) as an error:
      * keep its messages out of the default log. */
+    if (!srv->mhd)   /* while starting: keep it, it may explain a failure */
+        snprintf(srv->tls_error, sizeof srv->tls_error, "%s", msg);
     srv->cfg.hooks->log(srv->cfg.ud, SSE_LOG_DEBUG, msg);
 }
 
@@ -222,7 +226,7 @@ static void on_heartbeat(sse_timer *t)
     uint64_t now = sse_loop_now(st->srv->loop);
     uint64_t idle = now - st->last_write;
     if (idle >= st->heartbeat_ms) {
-        sse_stream_write(st, ":\n\n", 3);
+        sse_stream_write(st, st->heartbeat_text, strlen(st->heartbeat_text));
         idle = 0;
     }
     if (sse_stream_open(st))
@@ -414,7 +418,7 @@ static int has_header(const sse_header *h, size_t nh, const char *name)
 }
 
 sse_stream *sse_request_stream(sse_request *r, const sse_header *h, size_t nh,
-                               unsigned heartbeat_ms)
+                               unsigned heartbeat_ms, const char *heartbeat)
 {
     sse_server *srv = r->srv;
     if (r->answered)
@@ -427,6 +431,7 @@ sse_stream *sse_request_stream(sse_request *r, const sse_header *h, size_t nh,
     st->hup.fd = -1;
     st->fd = -1;
     st->heartbeat_ms = heartbeat_ms;
+    st->heartbeat_text = heartbeat ? heartbeat : ":\n\n";
     st->last_write = sse_loop_now(srv->loop);
     sse_timer_init(&st->heartbeat, on_heartbeat);
     memcpy(st->peer, r->peer, sizeof st->peer);
@@ -657,16 +662,33 @@ static unsigned connection_limit(const sse_server *srv)
     return fit;
 }
 
-int sse_server_listen(sse_server *srv, char *err, size_t errlen)
+int sse_server_listen(sse_server *srv, const char *tls_cert, const char *tls_key,
+                      char *err, size_t errlen)
 {
     if (srv->mhd) {
         snprintf(err, errlen, "already listening");
         return -EALREADY;
     }
+    int tls = tls_cert && tls_key;
+    if (tls && !MHD_is_feature_supported(MHD_FEATURE_TLS)) {
+        snprintf(err, errlen, "this libmicrohttpd was built without TLS");
+        return -ENOTSUP;
+    }
     int rc = open_listener(srv, err, errlen);
     if (rc)
         return rc;
     unsigned flags = MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
+    /* A daemon is TLS or plain: the options are the same apart from the key pair. */
+    struct MHD_OptionItem tls_opts[] = {
+        { MHD_OPTION_HTTPS_MEM_CERT, 0, (void *)tls_cert },
+        { MHD_OPTION_HTTPS_MEM_KEY, 0, (void *)tls_key },
+        { MHD_OPTION_END, 0, NULL },
+    };
+    if (tls)
+        flags |= MHD_USE_TLS;
+    else
+        tls_opts[0].option = MHD_OPTION_END;
+    srv->tls_error[0] = '\0';
     srv->shutting_down = 0;
     srv->mhd = MHD_start_daemon(flags, 0, NULL, NULL, on_access, srv,
         MHD_OPTION_LISTEN_SOCKET, (MHD_socket)srv->listen_fd,
@@ -674,12 +696,17 @@ int sse_server_listen(sse_server *srv, char *err, size_t errlen)
         MHD_OPTION_CONNECTION_MEMORY_LIMIT, srv->cfg.conn_memory,
         MHD_OPTION_CONNECTION_LIMIT, connection_limit(srv),
         MHD_OPTION_EXTERNAL_LOGGER, mhd_log, srv,
+        MHD_OPTION_ARRAY, tls_opts,
         MHD_OPTION_END);
     if (!srv->mhd) {
         close(srv->listen_fd);
         srv->listen_fd = -1;
-        snprintf(err, errlen, "libmicrohttpd could not start on %s port %d", srv->host, srv->port);
-        return -EIO;
+        if (tls)
+            snprintf(err, errlen, "TLS: the certificate or key was refused%s%s",
+                     srv->tls_error[0] ? ": " : "", srv->tls_error);
+        else
+            snprintf(err, errlen, "libmicrohttpd could not start on %s port %d", srv->host, srv->port);
+        return tls ? -EINVAL : -EIO;
     }
     const union MHD_DaemonInfo *di = MHD_get_daemon_info(srv->mhd, MHD_DAEMON_INFO_EPOLL_FD);
     srv->mhd_watch.fd = di->epoll_fd;

@@ -48,8 +48,10 @@ typedef struct sse_server_config {
 sse_server *sse_server_new(sse_loop *loop, const sse_server_config *cfg);  /* NULL: ENOMEM */
 void        sse_server_free(sse_server *s);   /* shuts down first if still listening */
 
-/* Binds and starts the daemon. 0, or -errno with a message in err. */
-int  sse_server_listen(sse_server *s, char *err, size_t errlen);
+/* Binds and starts the daemon: HTTPS when tls_cert and tls_key (PEM text, copied) are
+ * given, else plain HTTP. 0, or -errno with a message in err. */
+int  sse_server_listen(sse_server *s, const char *tls_cert, const char *tls_key,
+                       char *err, size_t errlen);
 int  sse_server_port(const sse_server *s);
 int  sse_server_listening(const sse_server *s);
 unsigned sse_server_connections(const sse_server *s);
@@ -77,10 +79,11 @@ int sse_request_respond(sse_request *r, int status, const sse_header *h, size_t 
                         const char *body, size_t len);
 
 /* Starts a stream: 200 with these headers and a body that stays open. The stream_ready
- * hook runs for it after MHD_run. heartbeat_ms: ":" comment after that long idle (0: none).
+ * hook runs for it after MHD_run. After heartbeat_ms of silence (0: never) the static
+ * string `heartbeat` is sent (":\n\n" for SSE).
  * The binding owns one reference (sse_stream_release). NULL on failure. */
 sse_stream *sse_request_stream(sse_request *r, const sse_header *h, size_t nh,
-                               unsigned heartbeat_ms);
+                               unsigned heartbeat_ms, const char *heartbeat);
 
 /* --- streams --- */
 /* Queue bytes: 0, -EPIPE when the stream is closed (or is dropped now because its

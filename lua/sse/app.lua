@@ -21,7 +21,7 @@ local OPTIONS = {
   host = "string", port = "number", heartbeat = "number|boolean", retry = "number",
   cors = "string|table", max_connections = "number", max_body = "number",
   queue_limit = "number", log = "function|boolean", connection_memory = "number",
-  shutdown_timeout = "number",
+  shutdown_timeout = "number", tls = "table",
 }
 
 local function check_options(opts, allowed, where)
@@ -46,6 +46,15 @@ local function check_retry(v, where)
   if v ~= nil and (math.type(v) ~= "integer" or v < 0) then
     error(where .. ": option 'retry' must be a non-negative integer (milliseconds)", 3)
   end
+end
+
+local function has_header(headers, name)
+  for k in pairs(headers) do
+    if lower(k) == name then
+      return true
+    end
+  end
+  return false
 end
 
 local function default_log(level, msg)
@@ -76,6 +85,12 @@ function M.new(opts)
   check_options(opts, OPTIONS, "sse.app")
   check_seconds(opts.heartbeat, "heartbeat", "sse.app")
   check_retry(opts.retry, "sse.app")
+  if opts.tls ~= nil then
+    check_options(opts.tls, { cert = "string", key = "string" }, "sse.app: tls")
+    if not opts.tls.cert or not opts.tls.key then
+      error("sse.app: option 'tls' needs both cert and key (paths to PEM files)", 2)
+    end
+  end
   local self = setmetatable({
     host = opts.host or "127.0.0.1",
     _routes = router.new(),
@@ -85,6 +100,7 @@ function M.new(opts)
     _retry = opts.retry,
     _cors = compile_cors(opts.cors),
     _shutdown_timeout = opts.shutdown_timeout or 5,
+    _tls = opts.tls,
     _stopping = false,
     _in_step = false,
   }, App)
@@ -202,8 +218,13 @@ function App:stream(pattern, source, opts)
   elseif type(source) ~= "function" then
     error("app:stream: source must be a function(stream, req) or a channel", 2)
   end
-  if opts.format ~= nil and opts.format ~= "sse" then
-    error("app:stream: format '" .. tostring(opts.format) .. "' is not supported", 2)
+  if opts.format ~= nil and opts.format ~= "sse" and opts.format ~= "ndjson" then
+    error("app:stream: option 'format' must be \"sse\" or \"ndjson\"", 2)
+  end
+  local headers = {}
+  for k, v in pairs(opts.headers or {}) do headers[k] = v end
+  if opts.format == "ndjson" and not has_header(headers, "content-type") then
+    headers["Content-Type"] = "application/x-ndjson"
   end
   local heartbeat = opts.heartbeat
   if heartbeat == nil then
@@ -212,8 +233,9 @@ function App:stream(pattern, source, opts)
   self._routes:add((opts.method or "GET"):upper(), pattern, {
     stream = source,
     heartbeat = heartbeat,
-    retry = opts.retry or self._retry,
-    headers = opts.headers or {},
+    retry = opts.format ~= "ndjson" and (opts.retry or self._retry) or nil,
+    headers = headers,
+    format = opts.format,
   })
   return self
 end
@@ -241,15 +263,6 @@ function App:after(seconds, fn)
 end
 
 -- ---- requests ----
-
-local function has_header(headers, name)
-  for k in pairs(headers) do
-    if lower(k) == name then
-      return true
-    end
-  end
-  return false
-end
 
 local function add_cors(self, req, headers)
   local cors = self._cors
@@ -384,6 +397,7 @@ function App:_dispatch(req)
       headers = stream_headers(self, req, route),
       heartbeat = route.heartbeat,
       retry = route.retry,
+      format = route.format,
     }
   end
   local ok, a, b, c = call_user(self, req, "handler", route.handler)
@@ -402,14 +416,32 @@ end
 
 -- ---- the loop ----
 
+local function read_file(path, what)
+  local f, err, code = io.open(path, "rb")
+  if not f then
+    return nil, "tls " .. what .. ": " .. err, code == 2 and "ENOENT" or "EACCES"
+  end
+  local text = f:read("a")
+  f:close()
+  return text
+end
+
 function App:listen()
-  local ok, err, code = self._core:listen()
+  local cert, key, err, code
+  if self._tls then
+    cert, err, code = read_file(self._tls.cert, "cert")
+    if not cert then return nil, err, code end
+    key, err, code = read_file(self._tls.key, "key")
+    if not key then return nil, err, code end
+  end
+  local ok
+  ok, err, code = self._core:listen(cert, key)
   if not ok then
     return nil, err, code
   end
   self.port = self._core.port
   local host = self.host:find(":", 1, true) and "[" .. self.host .. "]" or self.host
-  self.url = "http://" .. host .. ":" .. self.port
+  self.url = (self._tls and "https://" or "http://") .. host .. ":" .. self.port
   self._stopping = false
   return true
 end
