@@ -527,9 +527,17 @@ static int handle_request(lua_State *L)
     lua_setiuservalue(L, -2, UV_FIELDS);
     luaL_setmetatable(L, STREAM_MT);
 
+    lua_getfield(L, 3, "gzip");
+    sse_stream_opts so = {
+        .headers = h,
+        .nheaders = nh,
+        .heartbeat_ms = hb > 0 ? (unsigned)llround(hb * 1000.0) : 0,
+        .heartbeat = format == SSE_FORMAT_NDJSON ? "\n" : ":\n\n",
+        .gzip = lua_toboolean(L, -1),
+    };
+    lua_pop(L, 1);
     s->sub.format = format;
-    s->st = sse_request_stream(r, h, nh, hb > 0 ? (unsigned)llround(hb * 1000.0) : 0,
-                               format == SSE_FORMAT_NDJSON ? "\n" : ":\n\n");
+    s->st = sse_request_stream(r, &so);
     if (!s->st)
         return luaL_error(L, "could not start the stream");
     sse_stream_set_ud(s->st, s);

@@ -13,8 +13,11 @@ sse_chunk *sse_chunk_new(size_t cap)
     if (!c)
         return NULL;
     c->refs = 1;
+    c->frozen = 0;
     c->len = 0;
     c->cap = cap;
+    c->gz = NULL;
+    c->crc = 0;
     return c;
 }
 
@@ -25,8 +28,10 @@ void sse_chunk_ref(sse_chunk *c)
 
 void sse_chunk_unref(sse_chunk *c)
 {
-    if (c && --c->refs == 0)
+    if (c && --c->refs == 0) {
+        sse_chunk_unref(c->gz);
         free(c);
+    }
 }
 
 static int grow_ring(sse_queue *q)
@@ -64,6 +69,7 @@ int sse_queue_push(sse_queue *q, sse_chunk *c)
     if (append_chunk(q, c) != 0)
         return -1;
     sse_chunk_ref(c);
+    c->frozen = 1;
     q->bytes += c->len;
     return 0;
 }
@@ -72,7 +78,7 @@ char *sse_queue_reserve(sse_queue *q, size_t n)
 {
     sse_chunk *t = tail(q);
     /* Only a chunk no one else holds may grow: shared chunks are immutable. */
-    if (t && t->refs == 1 && t->cap - t->len >= n)
+    if (t && !t->frozen && t->refs == 1 && t->cap - t->len >= n)
         return t->data + t->len;
     sse_chunk *c = sse_chunk_new(n > SSE_CHUNK_MIN ? n : SSE_CHUNK_MIN);
     if (!c)
@@ -88,6 +94,29 @@ void sse_queue_commit(sse_queue *q, size_t n)
 {
     tail(q)->len += n;
     q->bytes += n;
+}
+
+sse_chunk *sse_queue_peek(const sse_queue *q, size_t *offset)
+{
+    if (!q->count)
+        return NULL;
+    *offset = q->offset;
+    return q->ring[q->head];
+}
+
+void sse_queue_pop(sse_queue *q)
+{
+    sse_chunk *c = q->ring[q->head];
+    q->bytes -= c->len - q->offset;
+    sse_chunk_unref(c);
+    q->head = (q->head + 1) & (q->cap - 1);
+    q->count--;
+    q->offset = 0;
+    if (q->count == 0) {
+        free(q->ring);
+        q->ring = NULL;
+        q->cap = q->head = 0;
+    }
 }
 
 size_t sse_queue_read(sse_queue *q, char *buf, size_t max)

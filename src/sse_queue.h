@@ -13,10 +13,13 @@
 #include <stddef.h>
 
 typedef struct sse_chunk {
-    unsigned refs;
-    size_t   len;
-    size_t   cap;
-    char     data[];
+    unsigned          refs;
+    unsigned          frozen; /* pushed to queues (shared): never written again */
+    size_t            len;
+    size_t            cap;
+    struct sse_chunk *gz;     /* its compressed twin, made once for all gzip streams */
+    unsigned long     crc;    /* CRC-32 of data, set with gz */
+    char              data[];
 } sse_chunk;
 
 /* A new chunk with refs = 1 and room for cap bytes. NULL on ENOMEM. */
@@ -43,6 +46,10 @@ int sse_queue_push(sse_queue *q, sse_chunk *c);
  * Follow with sse_queue_commit(q, n). NULL on ENOMEM. */
 char *sse_queue_reserve(sse_queue *q, size_t n);
 void  sse_queue_commit(sse_queue *q, size_t n);
+
+/* The oldest chunk and how much of it was read (NULL when empty); pop drops it. */
+sse_chunk *sse_queue_peek(const sse_queue *q, size_t *offset);
+void       sse_queue_pop(sse_queue *q);
 
 /* Copies up to max pending bytes into buf and consumes them; returns the count. */
 size_t sse_queue_read(sse_queue *q, char *buf, size_t max);

@@ -10,6 +10,7 @@
  */
 #include "sse_server.h"
 #include "sse_buf.h"
+#include "sse_gzip.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -48,6 +49,7 @@ struct sse_server {
     int                resume_pending; /* a resume since the last MHD_run */
     int                shutting_down;
     char               tls_error[256]; /* MHD's last message while starting */
+    sse_gzip_twins    *twins;          /* compresses shared chunks for gzip streams */
     sse_stream        *streams;        /* streams whose connection is alive */
     sse_stream        *ready;          /* deferred stream_ready hooks */
     sse_stream        *closed;         /* deferred stream_closed hooks */
@@ -83,6 +85,8 @@ struct sse_stream {
     sse_timer              heartbeat;
     unsigned               heartbeat_ms;
     const char            *heartbeat_text;
+    sse_gzip              *gz;          /* NULL: the body is not compressed */
+    int                    gz_finished; /* the gzip trailer is out */
     uint64_t               last_write;
     sse_stream            *prev, *next; /* srv->streams */
     sse_stream            *ready_next;
@@ -137,6 +141,7 @@ static void stream_unref(sse_stream *st)
     if (--st->refs > 0)
         return;
     sse_queue_clear(&st->q);
+    sse_gzip_free(st->gz);
     free(st);
 }
 
@@ -183,19 +188,68 @@ static void drive_mhd(sse_server *srv)
     } while (srv->resume_pending && ++passes < SSE_MHD_PASSES);
 }
 
+static void after_read(sse_stream *st)
+{
+    if (st->want_drain && st->q.bytes <= st->low_water) {
+        st->want_drain = 0;
+        defer_ready(st);
+    }
+}
+
+/* The reader of a gzip stream: compresses what is queued (splicing shared chunks'
+ * twins), sync-flushes once per call so every event is readable on arrival, and ends
+ * the gzip member before the end of the stream. */
+static ssize_t gzip_reader(sse_stream *st, char *buf, size_t max)
+{
+    sse_gzip *g = st->gz;
+    while (sse_gzip_pending(g) < max) {
+        size_t off;
+        sse_chunk *c = sse_queue_peek(&st->q, &off);
+        if (!c)
+            break;
+        int rc;
+        if (c->frozen && off == 0) {
+            if (!st->srv->twins && !(st->srv->twins = sse_gzip_twins_new()))
+                return MHD_CONTENT_READER_END_WITH_ERROR;
+            rc = sse_gzip_splice(g, st->srv->twins, c);
+        } else {
+            rc = sse_gzip_write(g, c->data + off, c->len - off);
+        }
+        if (rc != 0)
+            return MHD_CONTENT_READER_END_WITH_ERROR;
+        sse_queue_pop(&st->q);
+    }
+    if (sse_gzip_flush(g) != 0)
+        return MHD_CONTENT_READER_END_WITH_ERROR;
+    if (!sse_gzip_pending(g) && (st->closing || st->srv->shutting_down) && !st->gz_finished) {
+        st->gz_finished = 1;
+        if (sse_gzip_finish(g) != 0)
+            return MHD_CONTENT_READER_END_WITH_ERROR;
+    }
+    if (sse_gzip_pending(g)) {
+        size_t n = sse_gzip_read(g, buf, max);
+        after_read(st);
+        return (ssize_t)n;
+    }
+    if (st->closing || st->srv->shutting_down)
+        return MHD_CONTENT_READER_END_OF_STREAM;
+    MHD_suspend_connection(st->conn);
+    st->suspended = 1;
+    return 0;
+}
+
 static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
 {
     sse_stream *st = cls;
     if (st->dead)
         return MHD_CONTENT_READER_END_WITH_ERROR;
+    if (st->gz)
+        return gzip_reader(st, buf, max);
     if (st->q.bytes) {
         /* Return data without suspending: suspending now would hold these bytes
          * back until the next resume. */
         size_t n = sse_queue_read(&st->q, buf, max);
-        if (st->want_drain && st->q.bytes <= st->low_water) {
-            st->want_drain = 0;
-            defer_ready(st);
-        }
+        after_read(st);
         return (ssize_t)n;
     }
     if (st->closing || st->srv->shutting_down)
@@ -417,9 +471,10 @@ static int has_header(const sse_header *h, size_t nh, const char *name)
     return 0;
 }
 
-sse_stream *sse_request_stream(sse_request *r, const sse_header *h, size_t nh,
-                               unsigned heartbeat_ms, const char *heartbeat)
+sse_stream *sse_request_stream(sse_request *r, const sse_stream_opts *o)
 {
+    const sse_header *h = o->headers;
+    size_t nh = o->nheaders;
     sse_server *srv = r->srv;
     if (r->answered)
         return NULL;
@@ -430,8 +485,12 @@ sse_stream *sse_request_stream(sse_request *r, const sse_header *h, size_t nh,
     st->refs = 2;
     st->hup.fd = -1;
     st->fd = -1;
-    st->heartbeat_ms = heartbeat_ms;
-    st->heartbeat_text = heartbeat ? heartbeat : ":\n\n";
+    st->heartbeat_ms = o->heartbeat_ms;
+    st->heartbeat_text = o->heartbeat ? o->heartbeat : ":\n\n";
+    if (o->gzip && !(st->gz = sse_gzip_new())) {
+        free(st);
+        return NULL;
+    }
     st->last_write = sse_loop_now(srv->loop);
     sse_timer_init(&st->heartbeat, on_heartbeat);
     memcpy(st->peer, r->peer, sizeof st->peer);
@@ -439,6 +498,7 @@ sse_stream *sse_request_stream(sse_request *r, const sse_header *h, size_t nh,
     struct MHD_Response *resp = MHD_create_response_from_callback(
         MHD_SIZE_UNKNOWN, SSE_STREAM_BLOCK, stream_reader, st, stream_response_free);
     if (!resp) {
+        sse_gzip_free(st->gz);
         free(st);
         return NULL;
     }
@@ -474,8 +534,8 @@ sse_stream *sse_request_stream(sse_request *r, const sse_header *h, size_t nh,
     if (srv->streams)
         srv->streams->prev = st;
     srv->streams = st;
-    if (heartbeat_ms)
-        sse_timer_start(srv->loop, &st->heartbeat, heartbeat_ms, 0);
+    if (o->heartbeat_ms)
+        sse_timer_start(srv->loop, &st->heartbeat, o->heartbeat_ms, 0);
     defer_ready(st);
     return st;
 }
@@ -795,6 +855,8 @@ void sse_server_shutdown(sse_server *srv, unsigned drain_ms)
     srv->resume_pending = 0;
     while (srv->ready || srv->closed)
         run_deferred(srv);
+    sse_gzip_twins_free(srv->twins);
+    srv->twins = NULL;
 }
 
 void sse_server_free(sse_server *srv)

@@ -79,11 +79,17 @@ int sse_request_respond(sse_request *r, int status, const sse_header *h, size_t 
                         const char *body, size_t len);
 
 /* Starts a stream: 200 with these headers and a body that stays open. The stream_ready
- * hook runs for it after MHD_run. After heartbeat_ms of silence (0: never) the static
- * string `heartbeat` is sent (":\n\n" for SSE).
- * The binding owns one reference (sse_stream_release). NULL on failure. */
-sse_stream *sse_request_stream(sse_request *r, const sse_header *h, size_t nh,
-                               unsigned heartbeat_ms, const char *heartbeat);
+ * hook runs for it after MHD_run. The binding owns one reference (sse_stream_release).
+ * NULL on failure. */
+typedef struct sse_stream_opts {
+    const sse_header *headers;
+    size_t            nheaders;
+    unsigned          heartbeat_ms;  /* after this much silence (0: never) ... */
+    const char       *heartbeat;     /* ... this static string is sent (":\n\n" for SSE) */
+    int               gzip;          /* compress the body (the caller checked Accept-Encoding
+                                        and sends Content-Encoding) */
+} sse_stream_opts;
+sse_stream *sse_request_stream(sse_request *r, const sse_stream_opts *o);
 
 /* --- streams --- */
 /* Queue bytes: 0, -EPIPE when the stream is closed (or is dropped now because its

@@ -21,7 +21,7 @@ local OPTIONS = {
   host = "string", port = "number", heartbeat = "number|boolean", retry = "number",
   cors = "string|table", max_connections = "number", max_body = "number",
   queue_limit = "number", log = "function|boolean", connection_memory = "number",
-  shutdown_timeout = "number", tls = "table",
+  shutdown_timeout = "number", tls = "table", gzip = "boolean",
 }
 
 local function check_options(opts, allowed, where)
@@ -101,6 +101,7 @@ function M.new(opts)
     _cors = compile_cors(opts.cors),
     _shutdown_timeout = opts.shutdown_timeout or 5,
     _tls = opts.tls,
+    _gzip = opts.gzip or false,
     _stopping = false,
     _in_step = false,
   }, App)
@@ -202,7 +203,7 @@ end
 
 local STREAM_OPTIONS = {
   method = "string", format = "string", retry = "number", heartbeat = "number|boolean",
-  headers = "table",
+  headers = "table", gzip = "boolean",
 }
 
 function App:stream(pattern, source, opts)
@@ -236,6 +237,7 @@ function App:stream(pattern, source, opts)
     retry = opts.format ~= "ndjson" and (opts.retry or self._retry) or nil,
     headers = headers,
     format = opts.format,
+    gzip = opts.gzip,
   })
   return self
 end
@@ -337,6 +339,21 @@ local function preflight(self, req)
   return 204, nil, headers
 end
 
+-- Does Accept-Encoding allow gzip? ("gzip", "gzip;q=0.5", "*"; not "gzip;q=0")
+local function accepts_gzip(header)
+  if not header then
+    return false
+  end
+  for item in header:lower():gmatch("[^,]+") do
+    local coding, params = item:match("^%s*([%w%*%-]+)%s*(.*)$")
+    if coding == "gzip" or coding == "*" then
+      local q = params and params:match("q%s*=%s*([%d%.]+)")
+      return not q or tonumber(q) > 0
+    end
+  end
+  return false
+end
+
 local function stream_headers(self, req, route)
   local headers = {}
   for k, v in pairs(route.headers) do
@@ -393,11 +410,24 @@ function App:_dispatch(req)
       headers["Cache-Control"] = headers["Cache-Control"] or "no-cache"
       return 200, nil, headers
     end
+    local headers = stream_headers(self, req, route)
+    local gzip = route.gzip
+    if gzip == nil then
+      gzip = self._gzip
+    end
+    if gzip then
+      headers["Vary"] = headers["Vary"] and headers["Vary"] .. ", Accept-Encoding" or "Accept-Encoding"
+      gzip = accepts_gzip(req.headers["accept-encoding"])
+      if gzip then
+        headers["Content-Encoding"] = "gzip"
+      end
+    end
     return route.stream, req, {
-      headers = stream_headers(self, req, route),
+      headers = headers,
       heartbeat = route.heartbeat,
       retry = route.retry,
       format = route.format,
+      gzip = gzip,
     }
   end
   local ok, a, b, c = call_user(self, req, "handler", route.handler)
