@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets everything up and runs the whole test suite: the C tests (ctest, built with
-# AddressSanitizer and UndefinedBehaviorSanitizer) and the busted specs against a real
-# server. Ends with one line "N passed, N failed"; exits non-zero on any failure.
+# AddressSanitizer and UndefinedBehaviorSanitizer), the busted specs against a real
+# server, and the browser and Node tests (test/browser/, headless Chromium).
+# Ends with one line "N passed, N failed"; exits non-zero on any failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SSE_SETUP_TEST=1 bash scripts/setup.sh || { echo "0 passed, 1 failed"; exit 1; }
@@ -13,7 +14,6 @@ log=$(mktemp -d)
 if cmake -S . -B build-asan -DSSE_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug >"$log/cmake" 2>&1 &&
    cmake --build build-asan -j2 >>"$log/cmake" 2>&1; then
   (cd build-asan && ctest --output-on-failure) | tee "$log/ctest"
-  c_pass=$(grep -oE '[0-9]+ tests passed|tests passed, [0-9]+ tests failed out of [0-9]+' "$log/ctest" | tail -1)
   total=$(sed -nE 's/.*tests failed out of ([0-9]+).*/\1/p' "$log/ctest" | tail -1)
   cfail=$(sed -nE 's/.*, ([0-9]+) tests failed out of.*/\1/p' "$log/ctest" | tail -1)
   total=${total:-0} cfail=${cfail:-1}
@@ -27,13 +27,47 @@ cmake -S . -B build -DSSE_TESTS=OFF >/dev/null && cmake --build build -j2 >/dev/
 busted --lua=lua5.4 -o utfTerminal 2>&1 | tee "$log/busted"
 line=$(grep -E '[0-9]+ successes? / [0-9]+ failures? / [0-9]+ errors?' "$log/busted" | tail -1 | sed 's/\x1b\[[0-9;]*m//g')
 if [[ -n "$line" ]]; then
-  s=$(sed -nE 's/.*([0-9]+) successes? .*/\1/p' <<<"$line")
   s=$(grep -oE '^[0-9]+' <<<"$line")
   f=$(sed -nE 's/.* ([0-9]+) failures? .*/\1/p' <<<"$line")
   e=$(sed -nE 's/.* ([0-9]+) errors? .*/\1/p' <<<"$line")
   passed=$((passed + s)) failed=$((failed + f + e))
 else
   echo "busted printed no summary"; failed=$((failed + 1))
+fi
+
+# --- Memcheck: the server specs under valgrind (one test: no invalid access, no leak) ---
+# Timing-sensitive specs may fail under valgrind's slowdown; only valgrind's own verdict
+# (exit status 99) counts here, the specs themselves were counted above.
+valgrind -q --error-exitcode=99 --leak-check=full --show-leak-kinds=definite,indirect \
+  --errors-for-leak-kinds=definite,indirect lua5.4 /usr/bin/busted -o TAP \
+  spec/server_spec.lua spec/stream_spec.lua spec/channel_spec.lua >"$log/memcheck" 2>&1
+if [[ $? == 99 ]]; then
+  grep -E '^==[0-9]+==' "$log/memcheck" | head -60
+  echo "memcheck: valgrind found errors in the server specs"; failed=$((failed + 1))
+else
+  echo "memcheck: server specs clean under valgrind"; passed=$((passed + 1))
+fi
+
+# --- Browser and Node tests (test/browser/: headless Chromium via playwright-core) ---
+# The spec reporter shows progress; the TAP copy gives the counts. A run that ends
+# without a summary (a crash, or the hard time limit) counts as one failure.
+if bash scripts/setup-browser.sh; then
+  timeout -k 10 900 node --test --test-reporter=spec --test-reporter-destination=stdout \
+    --test-reporter=tap --test-reporter-destination="$log/node.tap" test/browser/*.test.mjs 2>&1
+  rc=$?
+  np=$(sed -nE 's/^# pass ([0-9]+)$/\1/p' "$log/node.tap" 2>/dev/null | tail -1)
+  nf=$(sed -nE 's/^# fail ([0-9]+)$/\1/p' "$log/node.tap" 2>/dev/null | tail -1)
+  nc=$(sed -nE 's/^# cancelled ([0-9]+)$/\1/p' "$log/node.tap" 2>/dev/null | tail -1)
+  if [[ -n "$np" && -n "$nf" ]]; then
+    nf=$((nf + ${nc:-0}))
+    # node exits non-zero with no failing test when something broke outside the tests
+    if [[ $rc != 0 && $nf == 0 ]]; then echo "node --test exited with status $rc"; nf=1; fi
+    passed=$((passed + np)) failed=$((failed + nf))
+  else
+    echo "node --test printed no summary (exit status $rc)"; failed=$((failed + 1))
+  fi
+else
+  echo "setup-browser.sh failed"; failed=$((failed + 1))
 fi
 
 rm -rf "$log"

@@ -518,7 +518,13 @@ describe("sse.app HTTP server", function()
         client.shell_quote(package.path), client.shell_quote(package.cpath), client.shell_quote(file))
       local cmd
       if signal then
-        cmd = ("%s & pid=$!; sleep 0.5; kill -%s $pid; wait $pid; echo \"exit=$?\""):format(lua, signal)
+        -- Signal only once the child's loop runs (it writes the marker from a timer inside
+        -- app:run): before that the default action would kill it. Bounded: 10 s at most.
+        local marker = os.tmpname()
+        os.remove(marker)
+        lua = "SSE_READY=" .. client.shell_quote(marker) .. " " .. lua
+        cmd = ("%s & pid=$!; for i in $(seq 200); do [ -e %s ] && break; sleep 0.05; done; rm -f %s; kill -%s $pid; wait $pid; echo \"exit=$?\""):format(
+          lua, client.shell_quote(marker), client.shell_quote(marker), signal)
       else
         cmd = ("%s; echo \"exit=$?\""):format(lua)
       end
@@ -548,6 +554,7 @@ describe("sse.app HTTP server", function()
         local out = run_child([[
           local sse = require("sse")
           local app = sse.app { port = 0, log = false }
+          app:after(0, function() io.open(os.getenv("SSE_READY"), "w"):close() end)
           app:run()
           print("run returned")
         ]], sig)
