@@ -96,6 +96,7 @@ function M.new(opts)
     _routes = router.new(),
     _before = {},
     _channels = {},
+    _methods = {},       -- methods some route uses: others, if not standard, get 501
     _heartbeat = opts.heartbeat == nil and 15 or opts.heartbeat,
     _retry = opts.retry,
     _cors = compile_cors(opts.cors),
@@ -140,7 +141,9 @@ function App:route(method, pattern, handler)
   if type(handler) ~= "function" then
     error("app:route: handler must be a function", 2)
   end
-  self._routes:add(method:upper(), pattern, { handler = handler })
+  method = method:upper()
+  self._routes:add(method, pattern, { handler = handler })
+  self._methods[method] = true
   return self
 end
 
@@ -231,7 +234,9 @@ function App:stream(pattern, source, opts)
   if heartbeat == nil then
     heartbeat = self._heartbeat
   end
-  self._routes:add((opts.method or "GET"):upper(), pattern, {
+  local method = (opts.method or "GET"):upper()
+  self._methods[method] = true
+  self._routes:add(method, pattern, {
     stream = source,
     heartbeat = heartbeat,
     retry = opts.format ~= "ndjson" and (opts.retry or self._retry) or nil,
@@ -373,6 +378,13 @@ local function call_user(self, req, what, fn)
   return true, a, b, c
 end
 
+-- Methods a server is expected to know (RFC 9110): 404/405 for these; another method
+-- that no route uses is one this server does not implement at all: 501.
+local STANDARD_METHODS = {
+  GET = true, HEAD = true, POST = true, PUT = true, DELETE = true, PATCH = true,
+  OPTIONS = true, CONNECT = true, TRACE = true,
+}
+
 -- Called by C for every complete request. Returns status, body, headers, or
 -- fn, req, opts to start a stream.
 function App:_dispatch(req)
@@ -382,6 +394,9 @@ function App:_dispatch(req)
     return preflight(self, req)
   end
   local route, params, allowed = self._routes:match(req.method, req.path)
+  if not route and not STANDARD_METHODS[req.method] and not self._methods[req.method] then
+    return plain(self, req, 501, "method not implemented\n")
+  end
   if not route then
     if allowed and #allowed > 0 then
       return plain(self, req, 405, "method not allowed\n", { Allow = concat(allowed, ", ") })

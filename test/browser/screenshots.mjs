@@ -1,6 +1,7 @@
 // Screenshots of the demo pages for the docs, taken with headless Chromium:
 //   docs/llm.png    examples/llm/server.lua: one answer done, the next one streaming
 //   docs/clock.png  examples/clock.lua after a tick
+//   docs/chat.png   examples/chat/server.lua: ann's page, bob online, a short conversation
 // Run by hand (not part of the test run), from the top of the tree, after
 // bash scripts/setup-browser.sh:   node test/browser/screenshots.mjs
 import { join } from 'node:path';
@@ -44,10 +45,36 @@ async function clock(browser) {
   await srv.stop();
 }
 
+async function chat(browser) {
+  const srv = await startLua('examples/chat/server.lua');
+  const ann = await newPage(browser, { viewport: { width: 900, height: 640 } });
+  const bob = await newPage(browser, { viewport: { width: 900, height: 640 } });
+  await ann.goto(`${srv.url}/?user=ann&topics=lobby,dev`);
+  await bob.goto(`${srv.url}/?user=bob&topics=lobby`);
+  const say = async (room, user, text) => {
+    const res = await fetch(`${srv.url}/rooms/${room}/messages`, {
+      method: 'POST', headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ user, text }),
+    });
+    if (res.status !== 201) throw new Error(`post failed: ${res.status}`);
+  };
+  await waitFor(async () => (await ann.locator('body').textContent()).includes('bob'), 5_000, 'bob online');
+  await say('lobby', 'bob', 'hi ann, the stream is live');
+  await say('lobby', 'ann', 'hello bob! events arrive the moment they are published');
+  await say('dev', 'ann', 'replay after a dropped connection works too');
+  await waitFor(async () => (await ann.locator('body').textContent()).includes('replay after'), 5_000, 'messages');
+  await ann.screenshot({ path: out('chat.png') });
+  console.log('wrote docs/chat.png');
+  await ann.context().close();
+  await bob.context().close();
+  await srv.stop();
+}
+
 try {
   const browser = await launchBrowser();
   await llm(browser);
   await clock(browser);
+  await chat(browser);
 } finally {
   await cleanup();
 }
