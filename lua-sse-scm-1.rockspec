@@ -23,6 +23,10 @@ external_dependencies = {
       header = "microhttpd.h",
       library = "microhttpd",
    },
+   ZLIB = {
+      header = "zlib.h",
+      library = "z",
+   },
 }
 build = {
    -- CMakeLists.txt holds the one list of sources.
