@@ -33,8 +33,12 @@ enum { WAIT_NONE, WAIT_SLEEP, WAIT_DRAIN, WAIT_FOREVER };
 /* User values of a stream userdata. */
 enum { UV_CO = 1, UV_REQ, UV_FN, UV_ONCLOSE, UV_FIELDS, UV_COUNT = UV_FIELDS };
 
+/* What a stream's ud points at: both kinds start with their kind. */
+enum { STREAM_LUA = 0, STREAM_CHANNEL = 1 };
+
 /* The stream userdata: anchored by self_ref while the stream is open. */
 typedef struct lsse_stream {
+    int            kind;       /* STREAM_LUA */
     sse_stream    *st;         /* NULL once closed */
     lsse_server   *b;
     lua_State     *co;         /* the generator's coroutine (anchored in UV_CO) */
@@ -45,6 +49,17 @@ typedef struct lsse_stream {
     sse_timer      sleep;
     sse_subscriber sub;        /* its channel subscriptions */
 } lsse_stream;
+
+/* A stream of app:stream(path, channel): a subscriber and nothing else, kept in C (no
+ * coroutine, no Lua object), so that a held subscriber costs as little as possible. */
+typedef struct lsse_substream {
+    int            kind;       /* STREAM_CHANNEL */
+    sse_subscriber sub;
+} lsse_substream;
+
+/* The bytes a stream starts with, so EventSource fires "open" at once and proxies pass
+ * the headers on: "retry: N" when retry >= 0, else a ":ok" comment; nothing for NDJSON. */
+void lsse_write_first(sse_stream *st, int format, long long retry);
 
 /* lsse_frame.c: adds encode, comment and parser to the table on top of the stack. */
 void lsse_open_frame(lua_State *L);
@@ -64,5 +79,9 @@ int  lsse_server_channel(lua_State *L);
 int  lsse_stream_subscribe(lua_State *L);
 int  lsse_stream_unsubscribe(lua_State *L);
 void lsse_free_channels(lsse_server *b);
+/* Starts a channel stream for the channel at index ch, replaying after last_id (NULL:
+ * none). Raises on failure. */
+void lsse_channel_stream(lua_State *L, sse_request *r, int ch, const sse_stream_opts *so,
+                         int format, long long retry, const char *last_id, size_t len);
 
 #endif

@@ -164,6 +164,38 @@ int lsse_stream_subscribe(lua_State *L)
     return 2;
 }
 
+void lsse_channel_stream(lua_State *L, sse_request *r, int ch, const sse_stream_opts *so,
+                         int format, long long retry, const char *last_id, size_t len)
+{
+    lsse_channel *c = check_channel(L, ch);
+    uint64_t after;
+    int missed;
+    sse_channel_resume_point(c->ch, last_id, len, &after, &missed);
+    sse_chunk *gap = missed ? gap_event(L, format, sse_channel_name(c->ch), last_id, len) : NULL;
+    lsse_substream *s = calloc(1, sizeof *s);
+    if (!s) {
+        sse_chunk_unref(gap);
+        luaL_error(L, "out of memory");
+        return;
+    }
+    s->kind = STREAM_CHANNEL;
+    s->sub.format = format;
+    s->sub.st = sse_request_stream(r, so);
+    if (!s->sub.st) {
+        sse_chunk_unref(gap);
+        free(s);
+        luaL_error(L, "could not start the stream");
+        return;
+    }
+    sse_stream_set_ud(s->sub.st, s);
+    lsse_write_first(s->sub.st, format, retry);
+    /* On failure the stream still ends cleanly through stream_closed. */
+    if (sse_subscribe(&s->sub, c->ch, last_id != NULL, after, gap) < 0)
+        sse_stream_close(s->sub.st);
+    sse_chunk_unref(gap);
+    sse_subscriber_flush(&s->sub);
+}
+
 int lsse_stream_unsubscribe(lua_State *L)
 {
     lsse_stream *s = luaL_checkudata(L, 1, STREAM_MT);

@@ -16,6 +16,7 @@
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define TIMER_MT  "sse.timer"
@@ -341,7 +342,7 @@ static void hook_stream_ready(void *ud, sse_stream *st)
 {
     lsse_server *b = ud;
     lua_State *L = b->L;
-    if (b->finalizing)
+    if (b->finalizing || *(int *)sse_stream_ud(st) != STREAM_LUA)
         return;
     lsse_stream *s = push_stream(b, st);
     if (!s->started) {
@@ -367,6 +368,13 @@ static void hook_stream_ready(void *ud, sse_stream *st)
 static void hook_stream_closed(void *ud, sse_stream *st)
 {
     lsse_server *b = ud;
+    if (*(int *)sse_stream_ud(st) == STREAM_CHANNEL) {
+        lsse_substream *c = sse_stream_ud(st);
+        sse_subscriber_clear(&c->sub);
+        sse_stream_release(st);
+        free(c);
+        return;
+    }
     lsse_stream *s = sse_stream_ud(st);
     lua_State *L = b->L;
     s->st = NULL;
@@ -489,7 +497,7 @@ static int handle_request(lua_State *L)
     lua_call(L, 1, 3);
 
     sse_header h[MAX_HEADERS];
-    if (lua_type(L, 1) != LUA_TFUNCTION) {
+    if (lua_type(L, 1) == LUA_TNUMBER) {
         int status = (int)luaL_checkinteger(L, 1);
         size_t len = 0;
         const char *body = lua_isnil(L, 2) ? NULL : luaL_checklstring(L, 2, &len);
@@ -497,7 +505,8 @@ static int handle_request(lua_State *L)
         sse_request_respond(r, status, h, nh, body, len);
         return 0;
     }
-    /* A stream: opts = { headers = {...}, heartbeat = seconds or false, retry = ms } */
+    /* A stream: opts = { headers = {...}, heartbeat = seconds or false, retry = ms,
+     * format = "sse" | "ndjson", gzip = bool } */
     luaL_checktype(L, 3, LUA_TTABLE);
     lua_getfield(L, 3, "headers");
     size_t nh = check_headers(L, 4, h);
@@ -508,10 +517,27 @@ static int handle_request(lua_State *L)
     lua_getfield(L, 3, "format");
     int format = lua_isnil(L, 7) ? SSE_FORMAT_SSE
                : strcmp(luaL_checkstring(L, 7), "ndjson") == 0 ? SSE_FORMAT_NDJSON : SSE_FORMAT_SSE;
-    lua_pop(L, 1);
+    lua_getfield(L, 3, "gzip");
+    sse_stream_opts so = {
+        .headers = h,
+        .nheaders = nh,
+        .heartbeat_ms = hb > 0 ? (unsigned)llround(hb * 1000.0) : 0,
+        .heartbeat = format == SSE_FORMAT_NDJSON ? "\n" : ":\n\n",
+        .gzip = lua_toboolean(L, 8),
+    };
+    lua_settop(L, 3);
+
+    if (lua_type(L, 1) != LUA_TFUNCTION) {   /* a channel */
+        lua_getfield(L, 2, "last_event_id");
+        size_t len = 0;
+        const char *last = lua_tolstring(L, -1, &len);
+        lsse_channel_stream(L, r, 1, &so, format, retry, last, len);
+        return 0;
+    }
 
     lsse_stream *s = lua_newuserdatauv(L, sizeof *s, UV_COUNT);
     memset(s, 0, sizeof *s);
+    s->kind = STREAM_LUA;
     s->b = b;
     s->self_ref = LUA_NOREF;
     sse_timer_init(&s->sleep, on_sleep_done);
@@ -527,15 +553,6 @@ static int handle_request(lua_State *L)
     lua_setiuservalue(L, -2, UV_FIELDS);
     luaL_setmetatable(L, STREAM_MT);
 
-    lua_getfield(L, 3, "gzip");
-    sse_stream_opts so = {
-        .headers = h,
-        .nheaders = nh,
-        .heartbeat_ms = hb > 0 ? (unsigned)llround(hb * 1000.0) : 0,
-        .heartbeat = format == SSE_FORMAT_NDJSON ? "\n" : ":\n\n",
-        .gzip = lua_toboolean(L, -1),
-    };
-    lua_pop(L, 1);
     s->sub.format = format;
     s->st = sse_request_stream(r, &so);
     if (!s->st)
@@ -544,15 +561,18 @@ static int handle_request(lua_State *L)
     s->sub.st = s->st;
     lua_pushvalue(L, -1);
     s->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    if (format == SSE_FORMAT_NDJSON)
-        return 0;
-    /* Something for the client at once, so EventSource fires "open" and proxies
-     * pass the headers on. */
-    char first[48];
-    int n = retry >= 0 ? snprintf(first, sizeof first, "retry: %lld\n\n", (long long)retry)
-                       : snprintf(first, sizeof first, ":ok\n\n");
-    sse_stream_write(s->st, first, (size_t)n);
+    lsse_write_first(s->st, format, retry);
     return 0;
+}
+
+void lsse_write_first(sse_stream *st, int format, long long retry)
+{
+    if (format == SSE_FORMAT_NDJSON)
+        return;
+    char first[48];
+    int n = retry >= 0 ? snprintf(first, sizeof first, "retry: %lld\n\n", retry)
+                       : snprintf(first, sizeof first, ":ok\n\n");
+    sse_stream_write(st, first, (size_t)n);
 }
 
 static void hook_request(void *ud, sse_request *r)

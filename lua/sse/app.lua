@@ -214,12 +214,8 @@ function App:stream(pattern, source, opts)
   check_options(opts, STREAM_OPTIONS, "app:stream")
   check_seconds(opts.heartbeat, "heartbeat", "app:stream")
   check_retry(opts.retry, "app:stream")
-  if is_channel(source) then
-    local ch = source
-    source = function(stream, req)
-      stream:subscribe(ch, req.last_event_id or false)
-    end
-  elseif type(source) ~= "function" then
+  -- A channel is served by C alone (no coroutine, no Lua object per client).
+  if not is_channel(source) and type(source) ~= "function" then
     error("app:stream: source must be a function(stream, req) or a channel", 2)
   end
   if opts.format ~= nil and opts.format ~= "sse" and opts.format ~= "ndjson" then
