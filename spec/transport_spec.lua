@@ -96,8 +96,11 @@ describe("transport", function()
       local plain = client.connect(app, "/mix", { headers = { ["Accept-Encoding"] = "identity" } })
       local cu = client.curl(app, "/mix", { args = "-H 'Accept-Encoding: gzip' -o " .. gz })
       client.wait(app, function() return ch.subscribers == 2 end, 3, "two subscribers")
+      -- small events go through the stream's compressor, large ones (>= 1 KiB) are
+      -- spliced in as their compressed twins: mix both, with own sends between
       for i = 1, 20 do
-        ch:publish({ data = ("shared event %d: %s"):format(i, string.rep("abc", i)) })
+        local size = i % 3 == 0 and 400 * i or i
+        ch:publish({ data = ("shared event %d: %s"):format(i, string.rep("abc", size)) })
         client.step(app, 0.005)
       end
       plain:wait_end(3)
@@ -113,6 +116,46 @@ describe("transport", function()
       table.sort(got) table.sort(want)
       assert.are.same(want, got)
       os.remove(gz)
+    end)
+
+    it("compresses small channel events well (they share one compressor per stream)", function()
+      local app = client.app({ gzip = true, heartbeat = false })
+      local ch = app:channel("prices", { history = 0 })
+      app:stream("/prices", ch)
+      assert(app:listen())
+      local gz, plain = raw_file(), raw_file()
+      local a = client.curl(app, "/prices", { args = "-H 'Accept-Encoding: gzip' -o " .. gz, max_time = 3 })
+      local b = client.curl(app, "/prices", { args = "-o " .. plain, max_time = 3 })
+      client.wait(app, function() return ch.subscribers == 2 end, 3, "two subscribers")
+      for i = 1, 200 do
+        ch:publish({ event = "price", data = { symbol = "ACME", price = 100 + i % 7 } })
+        client.step(app, 0.002)
+      end
+      app:stop()
+      client.wait(app, function() return not a:running() and not b:running() end, 3, "curl to finish")
+      local zsize = #io.open(gz, "rb"):read("a")
+      local psize = #io.open(plain, "rb"):read("a")
+      assert.are.equal("", sh("gzip -t " .. gz))
+      assert.are.equal(sh("cat " .. plain), sh("zcat " .. gz))
+      assert.is_true(zsize < psize / 2, ("gzip %d bytes, plain %d"):format(zsize, psize))
+      os.remove(gz) os.remove(plain)
+    end)
+
+    it("negotiates gzip whatever the order of Accept-Encoding", function()
+      local app = client.app({ gzip = true })
+      app:stream("/ev", function(stream) stream:send("x") end)
+      assert(app:listen())
+      local cases = { ["*;q=0, gzip"] = "gzip", ["gzip, *;q=0"] = "gzip", ["*"] = "gzip",
+                      ["identity, *;q=0"] = false, ["br, gzip;q=0"] = false }
+      for ae, want in pairs(cases) do
+        local c = client.connect(app, "/ev", { headers = { ["Accept-Encoding"] = ae } })
+        c:wait_head(2)
+        assert.are.equal(want or nil, c.res.headers["content-encoding"], ae)
+        c:close()
+      end
+      local head = client.request(app, "HEAD", "/ev", { headers = { ["Accept-Encoding"] = "gzip" } })
+      assert.are.equal("gzip", head.headers["content-encoding"])
+      assert.are.equal("Accept-Encoding", head.headers["vary"])
     end)
   end)
 

@@ -4,9 +4,12 @@
  * compressed and sync-flushed, so each event can be decompressed the moment it arrives.
  * The gzip header and trailer are written here (CRC-32 and length of all plaintext).
  *
- * Channel events are not compressed once per subscriber: a shared chunk gets a
- * compressed twin, made once with a fresh deflate state and sync-flushed, so its blocks
- * reference nothing before them and can be spliced into any gzip stream. After a splice
+ * Large channel events are not compressed once per subscriber: a shared chunk of at
+ * least SSE_GZIP_SPLICE_MIN bytes gets a compressed twin, made once with a fresh deflate
+ * state and sync-flushed, so its blocks reference nothing before them and can be spliced
+ * into any gzip stream. (A small event compressed alone gains nothing — its repeats are
+ * in the events before it — so small shared events go through each stream's own
+ * compressor, which remembers them: cheap for small events, and it pays.) After a splice
  * the stream's own compressor is given the spliced plaintext as its dictionary (raw
  * deflate allows that after a flush), so its later back-references match what the client
  * has decoded. CRCs are joined with crc32_combine.
@@ -23,6 +26,9 @@
  * SSE_GZIP_MEMLEVEL (measured in the README), allocated on first use. */
 #define SSE_GZIP_WBITS    10
 #define SSE_GZIP_MEMLEVEL 2
+
+/* Shared chunks from this size on are spliced as twins (see above). */
+#define SSE_GZIP_SPLICE_MIN 1024
 
 typedef struct sse_gzip sse_gzip;
 

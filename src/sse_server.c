@@ -208,7 +208,7 @@ static ssize_t gzip_reader(sse_stream *st, char *buf, size_t max)
         if (!c)
             break;
         int rc;
-        if (c->frozen && off == 0) {
+        if (c->frozen && off == 0 && c->len >= SSE_GZIP_SPLICE_MIN) {
             if (!st->srv->twins && !(st->srv->twins = sse_gzip_twins_new()))
                 return MHD_CONTENT_READER_END_WITH_ERROR;
             rc = sse_gzip_splice(g, st->srv->twins, c);

@@ -340,19 +340,23 @@ local function preflight(self, req)
   return 204, nil, headers
 end
 
--- Does Accept-Encoding allow gzip? ("gzip", "gzip;q=0.5", "*"; not "gzip;q=0")
+-- Does Accept-Encoding allow gzip? An explicit "gzip" (with q > 0) decides; else "*".
+-- ("gzip", "gzip;q=0.5", "*" yes; "gzip;q=0", "*;q=0, identity" no)
 local function accepts_gzip(header)
   if not header then
     return false
   end
+  local star
   for item in header:lower():gmatch("[^,]+") do
     local coding, params = item:match("^%s*([%w%*%-]+)%s*(.*)$")
-    if coding == "gzip" or coding == "*" then
-      local q = params and params:match("q%s*=%s*([%d%.]+)")
-      return not q or tonumber(q) > 0
+    local q = tonumber(params and params:match("q%s*=%s*([%d%.]+)") or "1") or 0
+    if coding == "gzip" then
+      return q > 0
+    elseif coding == "*" then
+      star = q > 0
     end
   end
-  return false
+  return star or false
 end
 
 local function stream_headers(self, req, route)
@@ -415,12 +419,6 @@ function App:_dispatch(req)
     end
   end
   if route.stream then
-    if req.method == "HEAD" then
-      local headers = stream_headers(self, req, route)
-      headers["Content-Type"] = headers["Content-Type"] or "text/event-stream"
-      headers["Cache-Control"] = headers["Cache-Control"] or "no-cache"
-      return 200, nil, headers
-    end
     local headers = stream_headers(self, req, route)
     local gzip = route.gzip
     if gzip == nil then
@@ -432,6 +430,11 @@ function App:_dispatch(req)
       if gzip then
         headers["Content-Encoding"] = "gzip"
       end
+    end
+    if req.method == "HEAD" then   -- the headers a GET would get, no stream
+      headers["Content-Type"] = headers["Content-Type"] or "text/event-stream"
+      headers["Cache-Control"] = headers["Cache-Control"] or "no-cache"
+      return 200, nil, headers
     end
     return route.stream, req, {
       headers = headers,
