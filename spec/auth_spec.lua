@@ -7,12 +7,7 @@ local socket = require("socket")
 local cjson = require("cjson")
 local sse = require("sse")
 
-local function sh(cmd)
-  local p = io.popen(cmd .. " 2>&1")
-  local out = p:read("a")
-  p:close()
-  return out
-end
+local sh = require("support.client").sh
 
 local function slurp(path)
   local f = io.open(path, "rb")

@@ -2,12 +2,7 @@
 -- it, on a free port) and checked with curl, the way a person would try it.
 local socket = require("socket")
 
-local function sh(cmd)
-  local p = io.popen(cmd .. " 2>&1")
-  local out = p:read("a")
-  p:close()
-  return out
-end
+local sh = require("support.client").sh
 
 local running = {}
 

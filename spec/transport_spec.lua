@@ -6,12 +6,7 @@ local cjson = require("cjson")
 
 local gettime = client.gettime
 
-local function sh(cmd)
-  local p = assert(io.popen(cmd .. " 2>&1"))
-  local out = p:read("a")
-  p:close()
-  return out
-end
+local sh = require("support.client").sh
 
 -- A stream that sends one event every `every` seconds, stamped with the send time; and
 -- a check that its client got them on time (each within `slack` of being sent).

@@ -120,7 +120,7 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
     /* MHD reports every reader abort (our way of closing a dead client) as an error:
      * keep its messages out of the default log. */
     if (!srv->mhd)   /* while starting: keep it, it may explain a failure */
-        snprintf(srv->tls_error, sizeof srv->tls_error, "%s", msg);
+        snprintf(srv->tls_error, sizeof srv->tls_error, "%.200s", msg);
     srv->cfg.hooks->log(srv->cfg.ud, SSE_LOG_DEBUG, msg);
 }
 
@@ -196,10 +196,10 @@ static void after_read(sse_stream *st)
     }
 }
 
-/* The reader of a gzip stream: compresses what is queued (splicing shared chunks'
- * twins), sync-flushes once per call so every event is readable on arrival, and ends
- * the gzip member before the end of the stream. */
-static ssize_t gzip_reader(sse_stream *st, char *buf, size_t max)
+/* What a gzip stream has for the client now: what is queued, compressed (shared
+ * chunks' twins spliced in), sync-flushed once per call so every event is readable on
+ * arrival; and the gzip trailer once the stream is ending. Count, or -1 on error. */
+static ssize_t gzip_take(sse_stream *st, char *buf, size_t max)
 {
     sse_gzip *g = st->gz;
     while (sse_gzip_pending(g) < max) {
@@ -210,32 +210,23 @@ static ssize_t gzip_reader(sse_stream *st, char *buf, size_t max)
         int rc;
         if (c->frozen && off == 0 && c->len >= SSE_GZIP_SPLICE_MIN) {
             if (!st->srv->twins && !(st->srv->twins = sse_gzip_twins_new()))
-                return MHD_CONTENT_READER_END_WITH_ERROR;
+                return -1;
             rc = sse_gzip_splice(g, st->srv->twins, c);
         } else {
             rc = sse_gzip_write(g, c->data + off, c->len - off);
         }
         if (rc != 0)
-            return MHD_CONTENT_READER_END_WITH_ERROR;
+            return -1;
         sse_queue_pop(&st->q);
     }
     if (sse_gzip_flush(g) != 0)
-        return MHD_CONTENT_READER_END_WITH_ERROR;
+        return -1;
     if (!sse_gzip_pending(g) && (st->closing || st->srv->shutting_down) && !st->gz_finished) {
         st->gz_finished = 1;
         if (sse_gzip_finish(g) != 0)
-            return MHD_CONTENT_READER_END_WITH_ERROR;
+            return -1;
     }
-    if (sse_gzip_pending(g)) {
-        size_t n = sse_gzip_read(g, buf, max);
-        after_read(st);
-        return (ssize_t)n;
-    }
-    if (st->closing || st->srv->shutting_down)
-        return MHD_CONTENT_READER_END_OF_STREAM;
-    MHD_suspend_connection(st->conn);
-    st->suspended = 1;
-    return 0;
+    return (ssize_t)sse_gzip_read(g, buf, max);
 }
 
 static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
@@ -243,14 +234,14 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
     sse_stream *st = cls;
     if (st->dead)
         return MHD_CONTENT_READER_END_WITH_ERROR;
-    if (st->gz)
-        return gzip_reader(st, buf, max);
-    if (st->q.bytes) {
+    ssize_t n = st->gz ? gzip_take(st, buf, max) : (ssize_t)sse_queue_read(&st->q, buf, max);
+    if (n < 0)
+        return MHD_CONTENT_READER_END_WITH_ERROR;
+    if (n > 0) {
         /* Return data without suspending: suspending now would hold these bytes
          * back until the next resume. */
-        size_t n = sse_queue_read(&st->q, buf, max);
         after_read(st);
-        return (ssize_t)n;
+        return n;
     }
     if (st->closing || st->srv->shutting_down)
         return MHD_CONTENT_READER_END_OF_STREAM;

@@ -3,25 +3,13 @@
  * (what a browser's EventSource would report). */
 #include "sse_frame.h"
 #include "sse_parser.h"
+#include "check.h"
 
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-static int passed, failed;
-
-#define CHECK(cond, ...)                                                  \
-    do {                                                                  \
-        if (cond) {                                                       \
-            passed++;                                                     \
-        } else {                                                          \
-            failed++;                                                     \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                   \
-            printf(__VA_ARGS__);                                          \
-            printf("\n");                                                 \
-        }                                                                 \
-    } while (0)
 
 /* Makes failures readable: bytes with line breaks and non-ASCII shown escaped. */
 static const char *esc(const char *s, size_t n)

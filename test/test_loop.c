@@ -1,6 +1,7 @@
 /* C tests of the event loop: timer order and cancellation, repeating timers,
  * descriptor callbacks, and signals through signalfd. */
 #include "sse_loop.h"
+#include "check.h"
 
 #include <signal.h>
 #include <stdio.h>
@@ -8,19 +9,6 @@
 #include <sys/epoll.h>
 #include <unistd.h>
 
-static int passed, failed;
-
-#define CHECK(cond, ...)                                                  \
-    do {                                                                  \
-        if (cond) {                                                       \
-            passed++;                                                     \
-        } else {                                                          \
-            failed++;                                                     \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                   \
-            printf(__VA_ARGS__);                                          \
-            printf("\n");                                                 \
-        }                                                                 \
-    } while (0)
 
 static sse_loop *loop;
 static char order[64];

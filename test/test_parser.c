@@ -2,25 +2,13 @@
  * every split into two feeds and in pseudo-random chunkings, and must dispatch the
  * same events and end in the same state each time. */
 #include "sse_parser.h"
+#include "check.h"
 
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-static int passed, failed;
-
-#define CHECK(cond, ...)                                                  \
-    do {                                                                  \
-        if (cond) {                                                       \
-            passed++;                                                     \
-        } else {                                                          \
-            failed++;                                                     \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                   \
-            printf(__VA_ARGS__);                                          \
-            printf("\n");                                                 \
-        }                                                                 \
-    } while (0)
 
 /* Events are recorded as one escaped line each ("type|data|id"), so a whole run
  * compares as one string and a failure prints something a human can read. */

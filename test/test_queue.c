@@ -1,23 +1,11 @@
 /* C tests of the stream byte queue: coalescing into an unshared tail, shared chunks
  * never written again, reads that cross chunks and stop part-way, accounting. */
 #include "sse_queue.h"
+#include "check.h"
 
 #include <stdio.h>
 #include <string.h>
 
-static int passed, failed;
-
-#define CHECK(cond, ...)                                                  \
-    do {                                                                  \
-        if (cond) {                                                       \
-            passed++;                                                     \
-        } else {                                                          \
-            failed++;                                                     \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                   \
-            printf(__VA_ARGS__);                                          \
-            printf("\n");                                                 \
-        }                                                                 \
-    } while (0)
 
 static void put(sse_queue *q, const char *s)
 {

@@ -485,6 +485,14 @@ function Curl:kill()
   end
 end
 
+-- Runs a shell command and returns what it printed (stdout and stderr).
+function M.sh(cmd)
+  local p = assert(io.popen(cmd .. " 2>&1"))
+  local out = p:read("a")
+  p:close()
+  return out
+end
+
 ------------------------------------------------------------------------------------------
 -- Cleanup (after_each): close sockets, kill curls, stop apps.
 
