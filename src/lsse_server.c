@@ -756,12 +756,12 @@ static int server_step(lua_State *L)
 {
     lsse_server *b = lsse_check_server(L, 1);
     lua_Number secs = luaL_optnumber(L, 2, -1);
-    int timeout = secs < 0 ? -1 : secs > 86400 ? 86400000 : (int)llround(secs * 1000.0);
+    int64_t timeout = secs < 0 ? -1 : secs > 86400 ? 86400000000LL : (int64_t)llround(secs * 1e6);
     b->L = L;
-    int t = sse_loop_next_timeout(b->loop);
-    if (t >= 0 && (timeout < 0 || t < timeout))
-        timeout = t;
-    t = sse_server_timeout(b->srv);
+    int ms = sse_loop_next_timeout(b->loop);
+    if (ms >= 0 && (timeout < 0 || (int64_t)ms * 1000 < timeout))
+        timeout = (int64_t)ms * 1000;
+    int64_t t = sse_server_timeout(b->srv);
     if (t >= 0 && (timeout < 0 || t < timeout))
         timeout = t;
     int rc = sse_loop_poll(b->loop, timeout);

@@ -192,9 +192,25 @@ static int run_timers(sse_loop *l)
     return ran;
 }
 
-int sse_loop_poll(sse_loop *l, int timeout_ms)
+int64_t sse_loop_now_us(void)
 {
-    int n = epoll_wait(l->epfd, l->events, SSE_LOOP_EVENTS, timeout_ms);
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+int sse_loop_poll(sse_loop *l, int64_t timeout_us)
+{
+    int n;
+    if (timeout_us < 0) {
+        n = epoll_wait(l->epfd, l->events, SSE_LOOP_EVENTS, -1);
+    } else {
+        /* Microseconds matter: the server batches sends in windows shorter than 1 ms. */
+        struct timespec ts = { (time_t)(timeout_us / 1000000), (long)(timeout_us % 1000000) * 1000 };
+        n = epoll_pwait2(l->epfd, l->events, SSE_LOOP_EVENTS, &ts, NULL);
+        if (n < 0 && errno == ENOSYS)   /* kernels before 5.11 */
+            n = epoll_wait(l->epfd, l->events, SSE_LOOP_EVENTS, (int)((timeout_us + 999) / 1000));
+    }
     l->now = mono_ms();
     if (n < 0)
         return errno == EINTR ? 0 : -errno;

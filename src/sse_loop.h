@@ -46,11 +46,14 @@ static inline int sse_timer_active(const sse_timer *t) { return t->slot != SSE_T
 /* Milliseconds until the next timer is due (0 if overdue), or -1 with no timer. */
 int sse_loop_next_timeout(const sse_loop *l);
 
-/* Waits up to timeout_ms (-1: until something happens), runs the callbacks of ready
- * descriptors, then of every due timer. Returns the number of callbacks run or -errno.
- * EINTR counts as 0. A callback may stop or start any timer and unwatch any descriptor
- * except one whose event is later in the same batch and whose memory it frees. */
-int sse_loop_poll(sse_loop *l, int timeout_ms);
+/* Waits up to timeout_us microseconds (-1: until something happens), runs the callbacks
+ * of ready descriptors, then of every due timer. Returns the number of callbacks run or
+ * -errno. EINTR counts as 0. A callback may stop or start any timer and unwatch any
+ * descriptor except one whose event is later in the same batch and whose memory it frees. */
+int sse_loop_poll(sse_loop *l, int64_t timeout_us);
+
+/* Monotonic clock in microseconds (not cached). */
+int64_t sse_loop_now_us(void);
 
 /* SIGINT/SIGTERM: when enabled they are blocked and delivered through a signalfd as
  * cb(signo); disabling restores the previous mask. 0 or -errno. */

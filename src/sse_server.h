@@ -7,6 +7,7 @@
 #define SSE_SERVER_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include "sse_loop.h"
 #include "sse_queue.h"
 
@@ -56,8 +57,9 @@ int  sse_server_port(const sse_server *s);
 int  sse_server_listening(const sse_server *s);
 unsigned sse_server_connections(const sse_server *s);
 
-/* How long the next poll may wait (ms; -1: no limit) so MHD and pending work are served. */
-int  sse_server_timeout(const sse_server *s);
+/* How long the next poll may wait (microseconds; -1: no limit) so MHD and pending work
+ * are served. */
+int64_t sse_server_timeout(const sse_server *s);
 /* After each poll: drives MHD (with the pending-resume loop) and runs deferred hooks. */
 void sse_server_run(sse_server *s);
 /* Graceful stop: stop accepting, end every stream after its queue drains, wait at most

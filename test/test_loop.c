@@ -31,7 +31,7 @@ static void run_for(int ms)
     while (sse_loop_now(loop) < end) {
         int wait = (int)(end - sse_loop_now(loop));
         int t = sse_loop_next_timeout(loop);
-        sse_loop_poll(loop, t >= 0 && t < wait ? t : wait);
+        sse_loop_poll(loop, (t >= 0 && t < wait ? t : wait) * 1000);
     }
 }
 
@@ -91,11 +91,11 @@ static void test_watch(void)
     CHECK(sse_loop_watch(loop, &w, EPOLLIN) == 0, "watch");
     CHECK(write(p[1], "x", 1) == 1, "write");
     readable = 0;
-    sse_loop_poll(loop, 100);
+    sse_loop_poll(loop, 100000);
     CHECK(readable == 1, "callback ran for a readable fd: %d", readable);
     CHECK(sse_loop_unwatch(loop, &w) == 0, "unwatch");
     CHECK(write(p[1], "y", 1) == 1, "write");
-    sse_loop_poll(loop, 20);
+    sse_loop_poll(loop, 20000);
     CHECK(readable == 1, "no callback once unwatched: %d", readable);
     close(p[0]);
     close(p[1]);
@@ -108,7 +108,7 @@ static void test_signals(void)
 {
     CHECK(sse_loop_catch_signals(loop, 1, on_sig, NULL) == 0, "catch");
     kill(getpid(), SIGTERM);
-    sse_loop_poll(loop, 100);
+    sse_loop_poll(loop, 100000);
     CHECK(got_signal == SIGTERM, "SIGTERM delivered as a callback: %d", got_signal);
     CHECK(sse_loop_catch_signals(loop, 0, NULL, NULL) == 0, "release");
     sigset_t now;
