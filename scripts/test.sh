@@ -48,6 +48,14 @@ else
   echo "memcheck: server specs clean under valgrind"; passed=$((passed + 1))
 fi
 
+# --- The benchmark still works: lua-sse on every workload at tiny scale (seconds) ---
+# One test; no timing is judged here (figures come from a full `bash bench/run.sh`).
+if SERVERS=lua-sse BENCH_SCALE=tiny OUT="$log/bench.md" bash bench/run.sh >"$log/bench.out" 2>&1; then
+  echo "bench: tiny run of every workload passed"; passed=$((passed + 1))
+else
+  cat "$log/bench.out"; echo "bench: tiny run failed"; failed=$((failed + 1))
+fi
+
 # --- Browser and Node tests (test/browser/: headless Chromium via playwright-core) ---
 # The spec reporter shows progress; the TAP copy gives the counts. A run that ends
 # without a summary (a crash, or the hard time limit) counts as one failure.
