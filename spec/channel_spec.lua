@@ -317,6 +317,49 @@ describe("sse.app channels", function()
     end)
   end)
 
+  describe("publisher backpressure", function()
+    it("answers every publish, holding some back past 8 ahead of the sends, and loses nothing", function()
+      local app = client.app({ heartbeat = false })
+      local ch = app:channel("bus", { history = 0 })
+      app:stream("/sub", ch)
+      app:post("/pub", function(req)
+        ch:publish(req.body)
+        return 204
+      end)
+      assert(app:listen())
+      local subs = {}
+      for i = 1, 20 do subs[i] = client.connect(app, "/sub") end
+      client.wait(app, function() return ch.subscribers == 20 end, 3, "20 subscribers")
+      -- 40 publishes in flight at once: more than the 8 allowed ahead of a batch
+      local pubs = {}
+      for i = 1, 40 do
+        pubs[i] = client.connect(app, "/pub", { method = "POST", body = "e" .. i, accept = false,
+                                                headers = { Connection = "close" } })
+      end
+      client.wait(app, function()
+        for _, p in ipairs(pubs) do
+          if not (p.res and p.res.status) then return false end
+        end
+        for _, c in ipairs(subs) do
+          if #c.events < 40 then return false end
+        end
+        return true
+      end, 5, "all publishes answered and delivered")
+      local want = {}
+      for i = 1, 40 do want[i] = "e" .. i end
+      for _, p in ipairs(pubs) do assert.are.equal(204, p.res.status) end
+      -- each subscriber gets every event once; order follows publish order
+      for _, c in ipairs(subs) do
+        local got = c:data()
+        local sorted = {}
+        for i, d in ipairs(got) do sorted[i] = d end
+        table.sort(sorted, function(a, b) return tonumber(a:sub(2)) < tonumber(b:sub(2)) end)
+        assert.are.same(want, sorted)
+        assert.are.same(got, subs[1]:data())
+      end
+    end)
+  end)
+
   describe("slow subscribers", function()
     it("are dropped past queue_limit, logged with address and pending bytes; others get everything", function()
       local app, logs = client.app({ queue_limit = 64 * 1024 })
