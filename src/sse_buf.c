@@ -34,11 +34,6 @@ int sse_buf_append(sse_buf *b, const void *p, size_t n)
     return 0;
 }
 
-int sse_buf_append_char(sse_buf *b, char c)
-{
-    return sse_buf_append(b, &c, 1);
-}
-
 void sse_buf_reset(sse_buf *b)
 {
     b->len = 0;

@@ -16,7 +16,6 @@ typedef struct sse_buf {
 /* Make room for `extra` more bytes after len. */
 int  sse_buf_reserve(sse_buf *b, size_t extra);
 int  sse_buf_append(sse_buf *b, const void *p, size_t n);
-int  sse_buf_append_char(sse_buf *b, char c);
 void sse_buf_reset(sse_buf *b);   /* len = 0, keeps the memory */
 void sse_buf_free(sse_buf *b);    /* releases the memory; b is empty again */
 

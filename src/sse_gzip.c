@@ -199,4 +199,3 @@ size_t sse_gzip_read(sse_gzip *g, char *buf, size_t max)
 }
 
 size_t sse_gzip_pending(const sse_gzip *g) { return g->out.len - g->out_off; }
-size_t sse_gzip_total_in(const sse_gzip *g) { return (size_t)g->total; }

@@ -52,6 +52,5 @@ int sse_gzip_finish(sse_gzip *g);
 /* Compressed bytes ready to send: copy up to max into buf, returns the count. */
 size_t sse_gzip_read(sse_gzip *g, char *buf, size_t max);
 size_t sse_gzip_pending(const sse_gzip *g);
-size_t sse_gzip_total_in(const sse_gzip *g);
 
 #endif

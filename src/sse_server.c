@@ -499,7 +499,6 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 const char *sse_request_method(const sse_request *r) { return r->method; }
 const char *sse_request_path(const sse_request *r) { return r->path; }
 const char *sse_request_peer(const sse_request *r) { return r->peer; }
-int sse_request_answered(const sse_request *r) { return r->answered; }
 
 const char *sse_request_body(const sse_request *r, size_t *len)
 {

@@ -74,7 +74,6 @@ const char *sse_request_body(const sse_request *r, size_t *len);  /* NULL: no bo
 const char *sse_request_peer(const sse_request *r);        /* "127.0.0.1:40512" */
 void sse_request_headers(sse_request *r, sse_kv_cb cb, void *ud);
 void sse_request_query(sse_request *r, sse_kv_cb cb, void *ud);
-int  sse_request_answered(const sse_request *r);
 
 /* A complete response. 0 or -1 (already answered / MHD refused). */
 int sse_request_respond(sse_request *r, int status, const sse_header *h, size_t nh,
