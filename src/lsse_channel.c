@@ -122,6 +122,20 @@ static sse_chunk *gap_event(lua_State *L, int format, const char *channel,
     return c;
 }
 
+/* Subscribes sb to c with a replay after last (NULL: no replay), the gap event first when
+ * events after it are no longer kept. Returns what sse_subscribe does; *n and *missed are
+ * what sse_channel_resume_point says. */
+static int subscribe_after(lua_State *L, sse_subscriber *sb, lsse_channel *c,
+                           const char *last, size_t len, unsigned *n, int *missed)
+{
+    uint64_t after;
+    *n = sse_channel_resume_point(c->ch, last, len, &after, missed);
+    sse_chunk *gap = *missed ? gap_event(L, sb->format, sse_channel_name(c->ch), last, len) : NULL;
+    int rc = sse_subscribe(sb, c->ch, last != NULL, after, gap);
+    sse_chunk_unref(gap);
+    return rc;
+}
+
 /* stream:subscribe(ch [, last_event_id]) -> replayed, missed
  * Without the argument the request's last event id is used; false: no replay. */
 int lsse_stream_subscribe(lua_State *L)
@@ -143,12 +157,9 @@ int lsse_stream_subscribe(lua_State *L)
     const char *last = NULL;
     if (lua_toboolean(L, 3))
         last = luaL_checklstring(L, 3, &len);
-    uint64_t after;
+    unsigned n;
     int missed;
-    unsigned n = sse_channel_resume_point(c->ch, last, len, &after, &missed);
-    sse_chunk *gap = missed ? gap_event(L, s->sub.format, sse_channel_name(c->ch), last, len) : NULL;
-    int rc = sse_subscribe(&s->sub, c->ch, last != NULL, after, gap);
-    sse_chunk_unref(gap);
+    int rc = subscribe_after(L, &s->sub, c, last, len, &n, &missed);
     if (rc < 0)
         return luaL_error(L, "stream:subscribe: out of memory");
     if (rc == 1) {          /* already subscribed: nothing new to replay */
@@ -168,13 +179,8 @@ void lsse_channel_stream(lua_State *L, sse_request *r, int ch, const sse_stream_
                          int format, long long retry, const char *last_id, size_t len)
 {
     lsse_channel *c = check_channel(L, ch);
-    uint64_t after;
-    int missed;
-    sse_channel_resume_point(c->ch, last_id, len, &after, &missed);
-    sse_chunk *gap = missed ? gap_event(L, format, sse_channel_name(c->ch), last_id, len) : NULL;
     lsse_substream *s = calloc(1, sizeof *s);
     if (!s) {
-        sse_chunk_unref(gap);
         luaL_error(L, "out of memory");
         return;
     }
@@ -182,17 +188,18 @@ void lsse_channel_stream(lua_State *L, sse_request *r, int ch, const sse_stream_
     s->sub.format = format;
     s->sub.st = sse_request_stream(r, so);
     if (!s->sub.st) {
-        sse_chunk_unref(gap);
         free(s);
         luaL_error(L, "could not start the stream");
         return;
     }
     sse_stream_set_ud(s->sub.st, s);
     lsse_write_first(s->sub.st, format, retry);
-    /* On failure the stream still ends cleanly through stream_closed. */
-    if (sse_subscribe(&s->sub, c->ch, last_id != NULL, after, gap) < 0)
+    /* From here s belongs to the stream (freed by stream_closed), so a failure just
+     * ends the stream cleanly. */
+    unsigned n;
+    int missed;
+    if (subscribe_after(L, &s->sub, c, last_id, len, &n, &missed) < 0)
         sse_stream_close(s->sub.st);
-    sse_chunk_unref(gap);
     sse_subscriber_flush(&s->sub);
 }
 
