@@ -15,7 +15,8 @@
 struct sse_loop {
     int        epfd;
     uint64_t   now;
-    sse_timer **heap;     /* min-heap on due */
+    sse_timer **heap;     /* min-heap on (due, seq) */
+    uint64_t   armed;     /* timers started so far: the next one's seq */
     unsigned   ntimers;
     unsigned   heapcap;
     /* signals */
@@ -86,6 +87,13 @@ void sse_timer_init(sse_timer *t, sse_timer_cb cb)
     t->cb = cb;
 }
 
+/* Earlier due first; equal dues in the order they were started, so a timer started for
+ * "now" during a pass sorts after every timer that was already due. */
+static int earlier(const sse_timer *a, const sse_timer *b)
+{
+    return a->due < b->due || (a->due == b->due && a->seq < b->seq);
+}
+
 static void heap_set(sse_loop *l, unsigned i, sse_timer *t)
 {
     l->heap[i] = t;
@@ -97,7 +105,7 @@ static void sift_up(sse_loop *l, unsigned i)
     sse_timer *t = l->heap[i];
     while (i > 0) {
         unsigned parent = (i - 1) / 2;
-        if (l->heap[parent]->due <= t->due)
+        if (!earlier(t, l->heap[parent]))
             break;
         heap_set(l, i, l->heap[parent]);
         i = parent;
@@ -112,9 +120,9 @@ static void sift_down(sse_loop *l, unsigned i)
         unsigned c = 2 * i + 1;
         if (c >= l->ntimers)
             break;
-        if (c + 1 < l->ntimers && l->heap[c + 1]->due < l->heap[c]->due)
+        if (c + 1 < l->ntimers && earlier(l->heap[c + 1], l->heap[c]))
             c++;
-        if (t->due <= l->heap[c]->due)
+        if (!earlier(l->heap[c], t))
             break;
         heap_set(l, i, l->heap[c]);
         i = c;
@@ -148,6 +156,7 @@ int sse_timer_start(sse_loop *l, sse_timer *t, uint64_t after_ms, uint64_t repea
         l->heapcap = ncap;
     }
     t->due = l->now + after_ms;
+    t->seq = l->armed++;
     t->repeat = repeat_ms;
     heap_set(l, l->ntimers++, t);
     sift_up(l, t->slot);
@@ -175,10 +184,13 @@ int sse_loop_next_timeout(const sse_loop *l)
 static int run_timers(sse_loop *l)
 {
     int ran = 0;
-    /* Timers started by callbacks for "now" wait for the next turn: a timer that
-     * re-arms itself with 0 ms cannot starve the descriptors. */
+    /* Only timers started before this pass run in it: one started (or re-armed) by a
+     * callback, even for 0 ms, waits for the next turn, after I/O, so a timer that
+     * re-arms itself at once cannot starve the descriptors. Such a timer is never due
+     * earlier than `now`, so it sorts after every timer of this pass. */
     uint64_t now = l->now;
-    while (l->ntimers && l->heap[0]->due <= now) {
+    uint64_t first_new = l->armed;
+    while (l->ntimers && l->heap[0]->due <= now && l->heap[0]->seq < first_new) {
         sse_timer *t = l->heap[0];
         heap_remove(l, t);
         if (t->repeat) {

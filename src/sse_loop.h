@@ -22,6 +22,7 @@ typedef void (*sse_timer_cb)(sse_timer *t);
 struct sse_timer {
     uint64_t     due;       /* loop clock, ms */
     uint64_t     repeat;    /* ms; 0 = one shot */
+    uint64_t     seq;       /* when it was started: orders equal dues */
     unsigned     slot;      /* index in the heap; SSE_TIMER_IDLE when not scheduled */
     sse_timer_cb cb;
 };

@@ -116,6 +116,37 @@ static void test_signals(void)
     CHECK(!sigismember(&now, SIGTERM), "mask restored");
 }
 
+/* Issue 8, defect 5: a timer that re-arms itself for 0 ms ran again in the same pass,
+ * forever, so one poll never returned to I/O. Now each poll runs it once. */
+static int rearms;
+static sse_timer rearm_t, other_t;
+static int other_ran;
+
+static void rearm(sse_timer *t)
+{
+    rearms++;
+    if (rearms < 1000)
+        sse_timer_start(loop, t, 0, 0);
+}
+
+static void other(sse_timer *t) { other_ran++; }
+
+static void test_zero_rearm_waits_for_next_turn(void)
+{
+    rearms = other_ran = 0;
+    sse_timer_init(&rearm_t, rearm);
+    sse_timer_init(&other_t, other);
+    sse_timer_start(loop, &rearm_t, 0, 0);
+    sse_timer_start(loop, &other_t, 0, 0);
+    sse_loop_poll(loop, 0);
+    CHECK(rearms == 1, "one poll ran the re-arming timer once: %d", rearms);
+    CHECK(other_ran == 1, "the timer due with it ran in the same pass: %d", other_ran);
+    CHECK(sse_loop_next_timeout(loop) == 0, "the re-armed timer is due at once");
+    sse_loop_poll(loop, 0);
+    CHECK(rearms == 2, "the next poll ran it again: %d", rearms);
+    sse_timer_stop(loop, &rearm_t);
+}
+
 int main(void)
 {
     loop = sse_loop_new();
@@ -123,6 +154,7 @@ int main(void)
     test_repeat();
     test_watch();
     test_signals();
+    test_zero_rearm_waits_for_next_turn();
     sse_loop_free(loop);
     printf("test_loop: %d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
