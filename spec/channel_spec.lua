@@ -3,10 +3,17 @@
 local client = require("support.client")
 local cjson = require("cjson")
 
+-- The ids the app assigned ("<epoch>-<n>"), as their sequence numbers n; ids the
+-- publisher gave stay as they are.
 local function ids(c)
   local out = {}
-  for i, ev in ipairs(c.events) do out[i] = ev.id end
+  for i, ev in ipairs(c.events) do out[i] = ev.id:match("^%d+%-(%d+)$") or ev.id end
   return out
+end
+
+-- The id the app assigned (or would assign) to its n-th publish, from one it did assign.
+local function nth_id(some_id, n)
+  return (some_id:gsub("%d+$", tostring(n)))
 end
 
 local function data_of(c)
@@ -33,11 +40,13 @@ describe("sse.app channels", function()
     it("assigns ids that increase across the whole app, and keeps given ids", function()
       local app = client.app()
       local a, b = app:channel("a"), app:channel("b")
-      assert.are.equal("1", a:publish("x"))
-      assert.are.equal("2", b:publish("y"))
-      assert.are.equal("3", a:publish({ data = "z" }))
+      local first = a:publish("x")
+      local epoch = first:match("^(%d+)%-1$")
+      assert.truthy(epoch, "ids are <epoch>-<n>: " .. first)
+      assert.are.equal(epoch .. "-2", b:publish("y"))
+      assert.are.equal(epoch .. "-3", a:publish({ data = "z" }))
       assert.are.equal("mine", a:publish({ id = "mine", data = "w" }))
-      assert.are.equal("5", b:publish("v"))
+      assert.are.equal(epoch .. "-5", b:publish("v"))
     end)
 
     it("rejects invalid events like sse.encode", function()
@@ -150,8 +159,9 @@ describe("sse.app channels", function()
 
     it("after Last-Event-ID sends the kept events after it in order, then live ones, each once", function()
       local app, ch = setup(100)
-      for i = 1, 5 do ch:publish("e" .. i) end
-      local c = client.connect(app, "/news", { headers = { ["Last-Event-ID"] = "2" } })
+      local sent = {}
+      for i = 1, 5 do sent[i] = ch:publish("e" .. i) end
+      local c = client.connect(app, "/news", { headers = { ["Last-Event-ID"] = sent[2] } })
       c:wait_events(3)
       assert.are.same({ "e3", "e4", "e5" }, data_of(c))
       ch:publish("e6")
@@ -163,9 +173,10 @@ describe("sse.app channels", function()
 
     it("takes the id from the lastEventId or last_event_id query parameter too", function()
       local app, ch = setup(100)
-      for i = 1, 4 do ch:publish("e" .. i) end
-      local q1 = client.connect(app, "/news?lastEventId=3")
-      local q2 = client.connect(app, "/news?last_event_id=1")
+      local sent = {}
+      for i = 1, 4 do sent[i] = ch:publish("e" .. i) end
+      local q1 = client.connect(app, "/news?lastEventId=" .. sent[3])
+      local q2 = client.connect(app, "/news?last_event_id=" .. sent[1])
       q1:wait_events(1)
       q2:wait_events(3)
       assert.are.same({ "e4" }, data_of(q1))
@@ -186,7 +197,8 @@ describe("sse.app channels", function()
     it("has no duplicate and no gap at the seam when events are published during the replay turn", function()
       local app = client.app()
       local ch = app:channel("room")
-      for i = 1, 3 do ch:publish("old" .. i) end
+      local sent = {}
+      for i = 1, 3 do sent[i] = ch:publish("old" .. i) end
       app:stream("/room", function(stream, req)
         stream:subscribe(ch, req.last_event_id)
         -- published after subscribing, before the replay went out
@@ -195,7 +207,7 @@ describe("sse.app channels", function()
         ch:publish("after sleep")
       end)
       assert(app:listen())
-      local c = client.connect(app, "/room", { headers = { ["Last-Event-ID"] = "1" } })
+      local c = client.connect(app, "/room", { headers = { ["Last-Event-ID"] = sent[1] } })
       c:wait_events(4)
       client.run_for(app, 0.05)
       assert.are.same({ "old2", "old3", "joined", "after sleep" }, data_of(c))
@@ -207,14 +219,15 @@ describe("sse.app channels", function()
     it("keeps the events to replay even when publishes in the same turn overflow the history", function()
       local app = client.app()
       local ch = app:channel("c", { history = 2 })
-      for i = 1, 3 do ch:publish("e" .. i) end
+      local sent = {}
+      for i = 1, 3 do sent[i] = ch:publish("e" .. i) end
       local said
       app:stream("/s", function(stream, req)
         said = { stream:subscribe(ch, req.last_event_id) }
         ch:publish("same turn")
       end)
       assert(app:listen())
-      local c = client.connect(app, "/s", { headers = { ["Last-Event-ID"] = "1" } })
+      local c = client.connect(app, "/s", { headers = { ["Last-Event-ID"] = sent[1] } })
       c:wait_events(3)
       client.run_for(app, 0.05)
       assert.are.same({ 2, false }, said)
@@ -224,13 +237,13 @@ describe("sse.app channels", function()
     it("sends the replay before what the generator sends directly after subscribing", function()
       local app = client.app()
       local ch = app:channel("c")
-      ch:publish("old")
+      local first = ch:publish("old")
       app:stream("/s", function(stream, req)
         stream:subscribe(ch, req.last_event_id)
         stream:send({ event = "snapshot", data = "now" })
       end)
       assert(app:listen())
-      local c = client.connect(app, "/s", { headers = { ["Last-Event-ID"] = "0" } })
+      local c = client.connect(app, "/s", { headers = { ["Last-Event-ID"] = nth_id(first, 0) } })
       c:wait_events(2)
       assert.are.same({ "old", "now" }, c:data())
     end)
@@ -242,9 +255,9 @@ describe("sse.app channels", function()
         stream:subscribe(a, req.last_event_id)
         stream:subscribe(b, req.last_event_id)
       end)
-      a:publish("a1") b:publish("b2") b:publish("b3") a:publish("a4") b:publish("b5")
+      local first = a:publish("a1") b:publish("b2") b:publish("b3") a:publish("a4") b:publish("b5")
       assert(app:listen())
-      local c = client.connect(app, "/ab", { headers = { ["Last-Event-ID"] = "1" } })
+      local c = client.connect(app, "/ab", { headers = { ["Last-Event-ID"] = first } })
       c:wait_events(4)
       a:publish("a6")
       c:wait_events(5)
@@ -273,16 +286,17 @@ describe("sse.app channels", function()
 
     it("signals a gap with a 'gap' event when missed events are no longer kept", function()
       local app, ch = setup(3)
-      for i = 1, 6 do ch:publish("e" .. i) end
-      local c = client.connect(app, "/news", { headers = { ["Last-Event-ID"] = "1" } })
+      local sent = {}
+      for i = 1, 6 do sent[i] = ch:publish("e" .. i) end
+      local c = client.connect(app, "/news", { headers = { ["Last-Event-ID"] = sent[1] } })
       c:wait_events(4)
       local gap = c.events[1]
       assert.are.equal("gap", gap.event)
-      assert.are.same({ channel = "news", last_event_id = "1" }, cjson.decode(gap.data))
+      assert.are.same({ channel = "news", last_event_id = sent[1] }, cjson.decode(gap.data))
       assert.are.equal("", gap.id, "the gap event must not change the last event id")
       assert.are.same({ "e4", "e5", "e6" }, { c.events[2].data, c.events[3].data, c.events[4].data })
       -- nothing missed: no gap event
-      local ok = client.connect(app, "/news", { headers = { ["Last-Event-ID"] = "4" } })
+      local ok = client.connect(app, "/news", { headers = { ["Last-Event-ID"] = sent[4] } })
       ok:wait_events(2)
       client.run_for(app, 0.05)
       assert.are.same({ "e5", "e6" }, data_of(ok))
@@ -298,17 +312,42 @@ describe("sse.app channels", function()
       assert.are.same({ "e1", "e2" }, { c.events[2].data, c.events[3].data })
     end)
 
+    -- issue 8, defect 11: ids were a count from 1 per process, so after a restart a client
+    -- resuming with id 2 of the previous run got the new run's events after its "2"
+    it("signals a gap for an id from before a restart, even with nothing kept or missed since", function()
+      local old = client.app()
+      local och = old:channel("news")
+      local old_ids = {}
+      for i = 1, 3 do old_ids[i] = och:publish("before " .. i) end
+      old:stop()
+      local app, ch = setup(100)   -- the restarted server: the same channel, new events
+      for i = 1, 3 do ch:publish("after " .. i) end
+      local c = client.connect(app, "/news", { headers = { ["Last-Event-ID"] = old_ids[2] } })
+      c:wait_events(4)
+      assert.are.equal("gap", c.events[1].event)
+      assert.are.same({ channel = "news", last_event_id = old_ids[2] }, cjson.decode(c.events[1].data))
+      assert.are.same({ "after 1", "after 2", "after 3" },
+        { c.events[2].data, c.events[3].data, c.events[4].data })
+      -- and with an empty history, the gap event alone
+      local app2, ch2 = setup(100)
+      local d = client.connect(app2, "/news", { headers = { ["Last-Event-ID"] = old_ids[3] } })
+      client.wait(app2, function() return ch2.subscribers == 1 end)
+      d:wait_events(1)
+      assert.are.equal("gap", d.events[1].event)
+    end)
+
     it("stream:subscribe returns how many events it replays and whether some were missed", function()
       local app = client.app()
       local ch = app:channel("c", { history = 2 })
-      for i = 1, 4 do ch:publish("e" .. i) end
+      local sent = {}
+      for i = 1, 4 do sent[i] = ch:publish("e" .. i) end
       local got = {}
       app:stream("/c", function(stream, req)
         got[#got + 1] = { stream:subscribe(ch, req.query.from or false) }
       end)
       assert(app:listen())
-      client.connect(app, "/c?from=3"):wait_events(1)
-      client.connect(app, "/c?from=1"):wait_events(3)
+      client.connect(app, "/c?from=" .. sent[3]):wait_events(1)
+      client.connect(app, "/c?from=" .. sent[1]):wait_events(3)
       client.connect(app, "/c")
       client.wait(app, function() return #got == 3 end)
       assert.are.same({ 1, false }, got[1])

@@ -184,12 +184,15 @@ describe("sse.encode", function()
     end)
   end
 
-  it("refuses an argument that is neither a string nor a table", function()
-    for _, v in ipairs({ 5, true, print }) do
+  -- issue 8, defect 14: a number or boolean is the data, as it is in { data = x }
+  it("takes a number or boolean as the data, and refuses other non-tables", function()
+    assert.are.equal("data: 5\n\n", sse.encode(5))
+    assert.are.equal("data: true\n\n", sse.encode(true))
+    for _, v in ipairs({ print, coroutine.create(print) }) do
       local ok, err = pcall(sse.encode, v)
       assert.is_false(ok)
       assert.truthy(err:find("bad argument #1", 1, true), err)
-      assert.truthy(err:find("string or table expected", 1, true), err)
+      assert.truthy(err:find("string, number, boolean or table expected", 1, true), err)
     end
     local ok, err = pcall(sse.encode)
     assert.is_false(ok)

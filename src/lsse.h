@@ -12,18 +12,20 @@
 #define SERVER_MT  "sse.server"
 #define STREAM_MT  "sse.stream"
 #define CHANNEL_MT "sse.channel"
+#define FILE_MT    "sse.file"
 
 /* The server userdata: one per app. */
 typedef struct lsse_server {
     sse_loop     *loop;
     sse_server   *srv;
     lua_State    *L;           /* the thread running step(); hooks call Lua on it */
-    int           dispatch_ref;
+    int           dispatch_ref; /* these four are anchors (lsse_anchor) */
+    int           admit_ref;
     int           log_ref;
     int           signal_ref;
     int           finalizing;  /* __gc: drop streams without running Lua */
     size_t        high_water;
-    uint64_t      seq;         /* app-wide event sequence shared by all channels */
+    sse_ids       ids;         /* app-wide event ids shared by all channels */
     sse_channel **channels;    /* owned here: freed after the last stream is gone */
     unsigned      nchannels, channels_cap;
 } lsse_server;
@@ -61,6 +63,17 @@ typedef struct lsse_substream {
  * the headers on: "retry: N" when retry >= 0, else a ":ok" comment; nothing for NDJSON. */
 void lsse_write_first(sse_stream *st, int format, long long retry);
 
+/* Anchors: the Lua values C keeps for an app (its handlers, open streams, armed timers)
+ * live in a table held by the server userdata, never in the registry, so that an app
+ * nobody references any more is collected with everything it holds; a registry
+ * reference to anything leading back to the app would keep it alive forever.
+ * lsse_anchor pops the value on top and returns its ref (LUA_NOREF once the server is
+ * being collected); lsse_unanchor releases *ref and sets it to LUA_NOREF;
+ * lsse_push_anchored pushes the value (nil if gone). */
+int  lsse_anchor(lua_State *L, lsse_server *b);
+void lsse_unanchor(lua_State *L, lsse_server *b, int *ref);
+void lsse_push_anchored(lua_State *L, lsse_server *b, int ref);
+
 /* lsse_frame.c: adds encode, comment and parser to the table on top of the stack. */
 void lsse_open_frame(lua_State *L);
 
@@ -83,5 +96,12 @@ void lsse_free_channels(lsse_server *b);
  * none). Raises on failure. */
 void lsse_channel_stream(lua_State *L, sse_request *r, int ch, const sse_stream_opts *so,
                          int format, long long retry, const char *last_id, size_t len);
+
+/* lsse_file.c: adds open_file to the table on top of the stack. */
+void lsse_open_file(lua_State *L);
+/* Answers r with the sse.file at idx (its range, or all of it): the response takes the
+ * file's descriptor, so the file object is closed afterwards. Raises if it is closed. */
+void lsse_respond_file(lua_State *L, sse_request *r, int status, const sse_header *h, size_t nh,
+                       int idx);
 
 #endif

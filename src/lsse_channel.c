@@ -36,7 +36,7 @@ int lsse_server_channel(lua_State *L)
     }
     lsse_channel *c = lua_newuserdatauv(L, sizeof *c, 1);
     c->b = b;
-    c->ch = sse_channel_new(name, (unsigned)history, &b->seq);
+    c->ch = sse_channel_new(name, (unsigned)history, &b->ids);
     if (!c->ch)
         return luaL_error(L, "out of memory");
     b->channels[b->nchannels++] = c->ch;
@@ -67,7 +67,7 @@ static int channel_publish(lua_State *L)
     if (ev.id)
         lua_pushlstring(L, ev.id, ev.id_len);
     else
-        lua_pushfstring(L, "%I", (lua_Integer)seq);
+        lua_pushfstring(L, "%I-%I", (lua_Integer)c->b->ids.epoch, (lua_Integer)seq);
     return 1;
 }
 

@@ -46,12 +46,17 @@ static int to_text(lua_State *L, const char *fname, const char *field, const cha
     case LUA_TSTRING:
         *p = lua_tolstring(L, -1, len);
         return 0;
-    case LUA_TNUMBER:
+    case LUA_TNUMBER: {
+        /* "nan" or "inf" on the wire is never what was meant. */
+        lua_Number x = lua_tonumber(L, -1);
+        if (x != x || x - x != 0)
+            return luaL_error(L, "%s: field '%s' must be a finite number", fname, field);
         /* In place: the value on top is our copy, not the table's, so converting it
          * does not disturb the table or the traversal. Integers print as "%d", floats
          * as tostring does. */
         *p = lua_tolstring(L, -1, len);
         return 1;
+    }
     default:
         return luaL_error(L, "%s: field '%s' must be a string or a number", fname, field);
     }
@@ -76,12 +81,10 @@ static int data_to_text(lua_State *L, const char *fname, sse_event *ev)
         ev->data = lua_tolstring(L, -1, &ev->data_len);
         ev->data_json = 1;
         return 1;
-    case LUA_TNUMBER: {
-        /* Finite numbers print as valid JSON numbers too ("inf" and "nan" do not). */
-        lua_Number x = lua_tonumber(L, -1);
-        ev->data_json = x == x && x - x == 0;
+    case LUA_TNUMBER:
+        /* Finite numbers (the only ones to_text takes) print as valid JSON numbers. */
+        ev->data_json = 1;
         return to_text(L, fname, "data", &ev->data, &ev->data_len);
-    }
     case LUA_TSTRING:
         return to_text(L, fname, "data", &ev->data, &ev->data_len);
     default:
@@ -119,8 +122,14 @@ void lsse_check_event(lua_State *L, int idx, const char *fname, sse_event *ev)
         ev->data = lua_tolstring(L, idx, &ev->data_len);
         return;
     }
+    if (t == LUA_TNUMBER || t == LUA_TBOOLEAN) {   /* the data, as { data = x } takes it */
+        lua_pushvalue(L, idx);
+        if (!data_to_text(L, fname, ev))
+            lua_pop(L, 1);
+        return;
+    }
     if (t != LUA_TTABLE) {
-        luaL_typeerror(L, idx, "string or table");
+        luaL_typeerror(L, idx, "string, number, boolean or table");
         return;
     }
 
@@ -187,6 +196,9 @@ void lsse_check_event(lua_State *L, int idx, const char *fname, sse_event *ev)
         }
     }
 
+    /* {} would go out as a stray blank line: an event with nothing in it is misuse. */
+    if (!ev->data && !ev->comment && !ev->event && !ev->id && ev->retry < 0)
+        luaL_error(L, "%s: the event is empty (give data, comment, event, id or retry)", fname);
     const char *why;
     if (sse_frame_validate(ev, &why))
         luaL_error(L, "%s: %s", fname, why);

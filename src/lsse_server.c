@@ -6,8 +6,10 @@
  * stream:sleep yield (lua_yield, so the values a resume passes become their results).
  *
  * Ownership: a userdata (server, stream, timer) holds its C object; while the C side
- * may still call back (stream open, timer armed) the userdata is anchored by a registry
- * reference, released in exactly one place (stream_closed, timer fired or cancelled).
+ * may still call back (stream open, timer armed) the userdata is anchored (lsse_anchor:
+ * in a table of the server's, not the registry, so a dropped app is collected), and
+ * released in exactly one place (stream_closed, timer fired or cancelled). A timer keeps
+ * its server userdata alive as a user value, so using it after the app is gone is safe.
  */
 #include "lsse.h"
 #include "sse_server.h"
@@ -30,6 +32,53 @@ typedef struct lsse_timer {
 
 static const char *level_names[] = { "error", "warn", "info", "debug" };
 
+/* ---- anchors ---- */
+
+/* Registry: a weak-valued table, server -> its anchors table. The server userdata holds
+ * the table strongly (its user value), so this lookup never keeps anything alive. */
+static const char anchors_key = 'a';
+
+static void push_anchors(lua_State *L, lsse_server *b)
+{
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &anchors_key);
+    lua_rawgetp(L, -1, b);
+    lua_remove(L, -2);
+}
+
+int lsse_anchor(lua_State *L, lsse_server *b)
+{
+    push_anchors(L, b);
+    if (!lua_istable(L, -1)) {    /* the server is being collected */
+        lua_pop(L, 2);
+        return LUA_NOREF;
+    }
+    lua_insert(L, -2);
+    int ref = luaL_ref(L, -2);
+    lua_pop(L, 1);
+    return ref;
+}
+
+void lsse_unanchor(lua_State *L, lsse_server *b, int *ref)
+{
+    if (*ref == LUA_NOREF)
+        return;
+    push_anchors(L, b);
+    if (lua_istable(L, -1))
+        luaL_unref(L, -1, *ref);
+    lua_pop(L, 1);
+    *ref = LUA_NOREF;
+}
+
+void lsse_push_anchored(lua_State *L, lsse_server *b, int ref)
+{
+    push_anchors(L, b);
+    if (lua_istable(L, -1) && ref != LUA_NOREF)
+        lua_rawgeti(L, -1, ref);
+    else
+        lua_pushnil(L);
+    lua_remove(L, -2);
+}
+
 /* ---- error handling and logging ---- */
 
 static int traceback(lua_State *L)
@@ -46,7 +95,7 @@ static void log_msg(lsse_server *b, int level, const char *msg)
     if (b->log_ref == LUA_NOREF || b->finalizing || !b->L)
         return;
     lua_State *L = b->L;
-    lua_rawgeti(L, LUA_REGISTRYINDEX, b->log_ref);
+    lsse_push_anchored(L, b, b->log_ref);
     lua_pushstring(L, level_names[level < 0 || level > 3 ? 0 : level]);
     lua_pushstring(L, msg);
     if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
@@ -334,7 +383,7 @@ static void resume_generator(lsse_stream *s, int nargs)
 static lsse_stream *push_stream(lsse_server *b, sse_stream *st)
 {
     lsse_stream *s = sse_stream_ud(st);
-    lua_rawgeti(b->L, LUA_REGISTRYINDEX, s->self_ref);
+    lsse_push_anchored(b->L, b, s->self_ref);
     return s;
 }
 
@@ -382,11 +431,10 @@ static void hook_stream_closed(void *ud, sse_stream *st)
     sse_timer_stop(b->loop, &s->sleep);
     sse_stream_release(st);
     if (b->finalizing) {
-        luaL_unref(L, LUA_REGISTRYINDEX, s->self_ref);
-        s->self_ref = LUA_NOREF;
+        lsse_unanchor(L, b, &s->self_ref);
         return;
     }
-    lua_rawgeti(L, LUA_REGISTRYINDEX, s->self_ref);
+    lsse_push_anchored(L, b, s->self_ref);
     int self = lua_gettop(L);
     lua_getiuservalue(L, self, UV_ONCLOSE);
     lua_Integer n = (lua_Integer)lua_rawlen(L, -1);
@@ -404,18 +452,33 @@ static void hook_stream_closed(void *ud, sse_stream *st)
         resume_generator(s, 2);
     }
     lua_pop(L, 1);
-    luaL_unref(L, LUA_REGISTRYINDEX, s->self_ref);
-    s->self_ref = LUA_NOREF;
+    lsse_unanchor(L, b, &s->self_ref);
 }
 
 /* ---- requests ---- */
 
-static void set_kv(void *ud, const char *key, const char *value, size_t len)
+/* Query parameters: req.query has the first value of each name (what most code wants),
+ * req.query_all every value, in order: ?a=1&a=2 gives query.a = "1", query_all.a = {"1","2"}. */
+struct query_ctx { lua_State *L; int query, all; };
+
+static void set_query(void *ud, const char *key, const char *value, size_t len)
 {
-    lua_State *L = ud;
-    lua_pushstring(L, key);
+    struct query_ctx *q = ud;
+    lua_State *L = q->L;
+    if (lua_getfield(L, q->query, key) == LUA_TNIL) {
+        lua_pushlstring(L, value, len);
+        lua_setfield(L, q->query, key);
+    }
+    lua_pop(L, 1);
+    if (lua_getfield(L, q->all, key) == LUA_TNIL) {
+        lua_pop(L, 1);
+        lua_newtable(L);
+        lua_pushvalue(L, -1);
+        lua_setfield(L, q->all, key);
+    }
     lua_pushlstring(L, value, len);
-    lua_rawset(L, -3);
+    lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+    lua_pop(L, 1);
 }
 
 static void set_header(void *ud, const char *key, const char *value, size_t len)
@@ -440,8 +503,26 @@ static void set_header(void *ud, const char *key, const char *value, size_t len)
     lua_rawset(L, -3);
 }
 
-/* Reads a { name = value } table at idx into h; names and values must be strings
- * without CR or LF. Returns the count. */
+/* One header of the table being walked: raises with the reason when MHD could not send it. */
+static void check_header(lua_State *L, const char *name, int vidx, sse_header *h, size_t *n)
+{
+    if (lua_type(L, vidx) != LUA_TSTRING)
+        luaL_error(L, "headers: the value of '%s' must be a string or a list of strings", name);
+    const char *value = lua_tostring(L, vidx);
+    if (strpbrk(value, "\r\n") || lua_rawlen(L, vidx) != strlen(value))
+        luaL_error(L, "headers: the value of '%s' contains CR, LF or NUL", name);
+    if (!*value)   /* libmicrohttpd 0.9.75 refuses to send an empty value */
+        luaL_error(L, "headers: the value of '%s' is empty", name);
+    if (*n == MAX_HEADERS)
+        luaL_error(L, "headers: more than %d", MAX_HEADERS);
+    h[*n].name = name;
+    h[*n].value = value;   /* anchored by the table (strings only, no conversion) */
+    (*n)++;
+}
+
+/* Reads a { name = value | { value, ... } } table at idx into h: a list sends the header
+ * once per value (two Set-Cookie). Names must be tokens; values strings without CR, LF
+ * or NUL. Returns the count. */
 static size_t check_headers(lua_State *L, int idx, sse_header *h)
 {
     size_t n = 0;
@@ -450,32 +531,30 @@ static size_t check_headers(lua_State *L, int idx, sse_header *h)
     luaL_checktype(L, idx, LUA_TTABLE);
     lua_pushnil(L);
     while (lua_next(L, idx)) {
-        if (lua_type(L, -2) != LUA_TSTRING || !lua_isstring(L, -1))
-            luaL_error(L, "headers: names and values must be strings");
-        if (n == MAX_HEADERS)
-            luaL_error(L, "headers: more than %d", MAX_HEADERS);
-        lua_pushvalue(L, -1);
-        lua_replace(L, -2);  /* keep the value a string in the table walk */
+        if (lua_type(L, -2) != LUA_TSTRING)
+            luaL_error(L, "headers: names must be strings");
         const char *name = lua_tostring(L, -2);
-        const char *value = lua_tostring(L, -1);
-        if (strpbrk(name, "\r\n: ") || strpbrk(value, "\r\n") || !*name)
-            luaL_error(L, "headers: invalid header '%s'", name);
-        h[n].name = name;
-        h[n].value = value;
-        n++;
+        if (!*name || strpbrk(name, "\r\n: \t") || lua_rawlen(L, -2) != strlen(name))
+            luaL_error(L, "headers: invalid header name '%s'", name);
+        if (lua_type(L, -1) == LUA_TTABLE) {
+            lua_Integer count = (lua_Integer)lua_rawlen(L, -1);
+            for (lua_Integer i = 1; i <= count; i++) {
+                lua_rawgeti(L, -1, i);
+                check_header(L, name, lua_gettop(L), h, &n);
+                lua_pop(L, 1);
+            }
+        } else {
+            check_header(L, name, lua_gettop(L), h, &n);
+        }
         lua_pop(L, 1);
     }
     return n;
 }
 
-/* dispatch(req) returns  status, body, headers  or  fn, req, opts  (a stream). */
-static int handle_request(lua_State *L)
+/* Pushes the req table: method, path, remote_addr, headers, query, query_all. */
+static void push_request(lua_State *L, sse_request *r)
 {
-    lsse_server *b = lua_touserdata(L, 1);
-    sse_request *r = lua_touserdata(L, 2);
-    lua_settop(L, 0);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, b->dispatch_ref);
-    lua_createtable(L, 0, 8);
+    lua_createtable(L, 0, 10);
     lua_pushstring(L, sse_request_method(r));
     lua_setfield(L, -2, "method");
     lua_pushstring(L, sse_request_path(r));
@@ -486,8 +565,66 @@ static int handle_request(lua_State *L)
     sse_request_headers(r, set_header, L);
     lua_setfield(L, -2, "headers");
     lua_newtable(L);
-    sse_request_query(r, set_kv, L);
+    lua_newtable(L);
+    struct query_ctx q = { L, lua_gettop(L) - 1, lua_gettop(L) };
+    sse_request_query(r, set_query, &q);
+    lua_setfield(L, -3, "query_all");
     lua_setfield(L, -2, "query");
+}
+
+/* A complete response from the values at 1..3 (status, body, headers). */
+static void respond(lua_State *L, lsse_server *b, sse_request *r)
+{
+    sse_header h[MAX_HEADERS];
+    int status = (int)luaL_checkinteger(L, 1);
+    if (luaL_testudata(L, 2, FILE_MT)) {   /* sent from its descriptor by MHD */
+        lsse_respond_file(L, r, status, h, check_headers(L, 3, h), 2);
+        return;
+    }
+    size_t len = 0;
+    const char *body = lua_isnil(L, 2) ? NULL : luaL_checklstring(L, 2, &len);
+    size_t nh = check_headers(L, 3, h);
+    if (sse_request_respond(r, status, h, nh, body, len) != 0)
+        luaL_error(L, "%s %s: libmicrohttpd refused the response (status %d)",
+                   sse_request_method(r), sse_request_path(r), status);
+}
+
+/* admit(req) returns nothing (read the body) or  status, body, headers. */
+static int handle_admit(lua_State *L)
+{
+    lsse_server *b = lua_touserdata(L, 1);
+    sse_request *r = lua_touserdata(L, 2);
+    lua_settop(L, 0);
+    lsse_push_anchored(L, b, b->admit_ref);
+    push_request(L, r);
+    lua_pushinteger(L, (lua_Integer)sse_request_body_length(r));
+    lua_setfield(L, -2, "body_length");
+    lua_call(L, 1, 3);
+    if (!lua_isnil(L, 1))
+        respond(L, b, r);
+    return 0;
+}
+
+static void hook_admit(void *ud, sse_request *r)
+{
+    lsse_server *b = ud;
+    lua_State *L = b->L;
+    if (b->finalizing || b->admit_ref == LUA_NOREF)
+        return;
+    lua_pushcfunction(L, handle_admit);
+    lua_pushlightuserdata(L, b);
+    lua_pushlightuserdata(L, r);
+    protected_call(b, L, 2, "request");
+}
+
+/* dispatch(req) returns  status, body, headers  or  fn, req, opts  (a stream). */
+static int handle_request(lua_State *L)
+{
+    lsse_server *b = lua_touserdata(L, 1);
+    sse_request *r = lua_touserdata(L, 2);
+    lua_settop(L, 0);
+    lsse_push_anchored(L, b, b->dispatch_ref);
+    push_request(L, r);
     size_t blen;
     const char *body = sse_request_body(r, &blen);
     if (body) {
@@ -496,19 +633,16 @@ static int handle_request(lua_State *L)
     }
     lua_call(L, 1, 3);
 
-    sse_header h[MAX_HEADERS];
     if (lua_type(L, 1) == LUA_TNUMBER) {
-        int status = (int)luaL_checkinteger(L, 1);
-        size_t len = 0;
-        const char *body = lua_isnil(L, 2) ? NULL : luaL_checklstring(L, 2, &len);
-        size_t nh = check_headers(L, 3, h);
-        sse_request_respond(r, status, h, nh, body, len);
+        respond(L, b, r);
         return 0;
     }
+
     /* A stream: opts = { headers = {...}, heartbeat = seconds or false, retry = ms,
      * format = "sse" | "ndjson", gzip = bool } */
     luaL_checktype(L, 3, LUA_TTABLE);
     lua_getfield(L, 3, "headers");
+    sse_header h[MAX_HEADERS];
     size_t nh = check_headers(L, 4, h);
     lua_getfield(L, 3, "heartbeat");
     lua_Number hb = lua_toboolean(L, 5) ? luaL_checknumber(L, 5) : 0;
@@ -560,7 +694,7 @@ static int handle_request(lua_State *L)
     sse_stream_set_ud(s->st, s);
     s->sub.st = s->st;
     lua_pushvalue(L, -1);
-    s->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    s->self_ref = lsse_anchor(L, b);
     lsse_write_first(s->st, format, retry);
     return 0;
 }
@@ -588,17 +722,18 @@ static void hook_request(void *ud, sse_request *r)
 }
 
 static const sse_server_hooks hooks = {
-    hook_request, hook_stream_ready, hook_stream_closed, hook_log,
+    .admit = hook_admit,
+    .request = hook_request,
+    .stream_ready = hook_stream_ready,
+    .stream_closed = hook_stream_closed,
+    .log = hook_log,
 };
 
 /* ---- timers ---- */
 
 static void release_timer(lsse_timer *t, lua_State *L)
 {
-    if (t->self_ref != LUA_NOREF) {
-        luaL_unref(L, LUA_REGISTRYINDEX, t->self_ref);
-        t->self_ref = LUA_NOREF;
-    }
+    lsse_unanchor(L, t->b, &t->self_ref);
 }
 
 static void on_timer(sse_timer *st)
@@ -606,7 +741,7 @@ static void on_timer(sse_timer *st)
     lsse_timer *t = (lsse_timer *)st;
     lsse_server *b = t->b;
     lua_State *L = b->L;
-    lua_rawgeti(L, LUA_REGISTRYINDEX, t->self_ref);
+    lsse_push_anchored(L, b, t->self_ref);
     lua_getiuservalue(L, -1, 1);
     lua_insert(L, -2);
     /* One-shot: disarmed before the call, so it may be collected once the call ends. */
@@ -633,12 +768,14 @@ static int server_timer(lua_State *L)
     luaL_checktype(L, 4, LUA_TFUNCTION);
     luaL_argcheck(L, after >= 0 && after < 1e9, 2, "seconds must be between 0 and 1e9");
     luaL_argcheck(L, every >= 0 && every < 1e9, 3, "seconds must be between 0 and 1e9");
-    lsse_timer *t = lua_newuserdatauv(L, sizeof *t, 1);
+    lsse_timer *t = lua_newuserdatauv(L, sizeof *t, 2);
     sse_timer_init(&t->t, on_timer);
     t->b = b;
     t->self_ref = LUA_NOREF;
     lua_pushvalue(L, 4);
     lua_setiuservalue(L, -2, 1);
+    lua_pushvalue(L, 1);          /* t->b stays valid as long as the timer exists */
+    lua_setiuservalue(L, -2, 2);
     luaL_setmetatable(L, TIMER_MT);
     uint64_t rep = (uint64_t)llround(every * 1000.0);
     if (every > 0 && rep == 0)
@@ -646,14 +783,14 @@ static int server_timer(lua_State *L)
     if (sse_timer_start(b->loop, &t->t, (uint64_t)llround(after * 1000.0), rep) != 0)
         return luaL_error(L, "out of memory");
     lua_pushvalue(L, -1);
-    t->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    t->self_ref = lsse_anchor(L, b);
     return 1;
 }
 
 static int timer_cancel(lua_State *L)
 {
     lsse_timer *t = luaL_checkudata(L, 1, TIMER_MT);
-    if (t->b->loop)
+    if (t->b->loop)               /* else the app is closed: the timer went with it */
         sse_timer_stop(t->b->loop, &t->t);
     release_timer(t, L);
     return 0;
@@ -682,7 +819,7 @@ static size_t opt_size(lua_State *L, int idx, const char *field, size_t dflt)
     return v;
 }
 
-static int ref_function(lua_State *L, int idx, const char *field)
+static int ref_function(lua_State *L, lsse_server *b, int idx, const char *field)
 {
     lua_getfield(L, idx, field);
     if (lua_isnil(L, -1)) {
@@ -690,11 +827,12 @@ static int ref_function(lua_State *L, int idx, const char *field)
         return LUA_NOREF;
     }
     luaL_checktype(L, -1, LUA_TFUNCTION);
-    return luaL_ref(L, LUA_REGISTRYINDEX);
+    return lsse_anchor(L, b);
 }
 
 /* core.server{ host, port, max_connections, max_body, queue_limit, connection_memory,
- *              dispatch = fn(req), log = fn(level, msg) } */
+ *              request_timeout_ms, keepalive_timeout_ms, max_connections_per_ip,
+ *              dispatch = fn(req), admit = fn(req), log = fn(level, msg) } */
 static int server_new(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
@@ -707,16 +845,26 @@ static int server_new(lua_State *L)
         .max_body = opt_size(L, 1, "max_body", 1 << 20),
         .queue_limit = opt_size(L, 1, "queue_limit", 1 << 20),
         .conn_memory = opt_size(L, 1, "connection_memory", 16 << 10),
+        .request_timeout_ms = (unsigned)opt_size(L, 1, "request_timeout_ms", 30000),
+        .keepalive_timeout_ms = (unsigned)opt_size(L, 1, "keepalive_timeout_ms", 5000),
+        .max_per_ip = (unsigned)opt_size(L, 1, "max_connections_per_ip", 0),
         .hooks = &hooks,
     };
     if (cfg.port > 65535)
         return luaL_error(L, "option 'port' must be between 0 and 65535");
     if (cfg.conn_memory < 2048)
         return luaL_error(L, "option 'connection_memory' must be at least 2048");
-    lsse_server *b = lua_newuserdatauv(L, sizeof *b, 0);
+    lsse_server *b = lua_newuserdatauv(L, sizeof *b, 1);
     memset(b, 0, sizeof *b);
-    b->dispatch_ref = b->log_ref = b->signal_ref = LUA_NOREF;
+    b->dispatch_ref = b->admit_ref = b->log_ref = b->signal_ref = LUA_NOREF;
+    lua_newtable(L);                       /* its anchors */
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &anchors_key);
+    lua_pushvalue(L, -2);
+    lua_rawsetp(L, -2, b);
+    lua_pop(L, 1);
+    lua_setiuservalue(L, -2, 1);
     luaL_setmetatable(L, SERVER_MT);
+    b->ids.epoch = sse_ids_epoch();
     b->high_water = cfg.queue_limit / 2 < (64 << 10) ? cfg.queue_limit / 2 : (64 << 10);
     cfg.ud = b;
     b->loop = sse_loop_new();
@@ -725,8 +873,9 @@ static int server_new(lua_State *L)
     b->srv = sse_server_new(b->loop, &cfg);
     if (!b->srv)
         return luaL_error(L, "out of memory");
-    b->dispatch_ref = ref_function(L, 1, "dispatch");
-    b->log_ref = ref_function(L, 1, "log");
+    b->dispatch_ref = ref_function(L, b, 1, "dispatch");
+    b->admit_ref = ref_function(L, b, 1, "admit");
+    b->log_ref = ref_function(L, b, 1, "log");
     lua_remove(L, 2); /* the host string, copied by sse_server_new */
     return 1;
 }
@@ -785,7 +934,7 @@ static void on_signal(void *ud, int signo)
     lsse_server *b = ud;
     if (b->signal_ref == LUA_NOREF)
         return;
-    lua_rawgeti(b->L, LUA_REGISTRYINDEX, b->signal_ref);
+    lsse_push_anchored(b->L, b, b->signal_ref);
     lua_pushinteger(b->L, signo);
     protected_call(b, b->L, 1, "signal");
 }
@@ -794,15 +943,14 @@ static void on_signal(void *ud, int signo)
 static int server_catch_signals(lua_State *L)
 {
     lsse_server *b = lsse_check_server(L, 1);
-    luaL_unref(L, LUA_REGISTRYINDEX, b->signal_ref);
-    b->signal_ref = LUA_NOREF;
+    lsse_unanchor(L, b, &b->signal_ref);
     if (lua_isnoneornil(L, 2)) {
         sse_loop_catch_signals(b->loop, 0, NULL, NULL);
         return 0;
     }
     luaL_checktype(L, 2, LUA_TFUNCTION);
     lua_pushvalue(L, 2);
-    b->signal_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    b->signal_ref = lsse_anchor(L, b);
     int rc = sse_loop_catch_signals(b->loop, 1, on_signal, b);
     if (rc)
         return luaL_error(L, "signalfd: %s", strerror(-rc));
@@ -843,10 +991,8 @@ static int server_gc(lua_State *L)
     lsse_free_channels(b);
     sse_loop_free(b->loop);
     b->loop = NULL;
-    luaL_unref(L, LUA_REGISTRYINDEX, b->dispatch_ref);
-    luaL_unref(L, LUA_REGISTRYINDEX, b->log_ref);
-    luaL_unref(L, LUA_REGISTRYINDEX, b->signal_ref);
-    b->dispatch_ref = b->log_ref = b->signal_ref = LUA_NOREF;
+    /* The anchors table goes with the userdata: nothing to release one by one. */
+    b->dispatch_ref = b->admit_ref = b->log_ref = b->signal_ref = LUA_NOREF;
     return 0;
 }
 
@@ -912,6 +1058,12 @@ void lsse_open_server(lua_State *L)
     lua_getfield(L, -1, "methods");
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
+    lua_newtable(L);                       /* server -> anchors, weak values */
+    lua_createtable(L, 0, 1);
+    lua_pushliteral(L, "v");
+    lua_setfield(L, -2, "__mode");
+    lua_setmetatable(L, -2);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &anchors_key);
     lsse_open_channel(L);
     lua_pushcfunction(L, server_new);
     lua_setfield(L, -2, "server");

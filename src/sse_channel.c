@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 struct sse_sub {
     sse_channel    *ch;
@@ -22,7 +23,7 @@ typedef struct entry {
 
 struct sse_channel {
     char      *name;
-    uint64_t  *seq;            /* the app-wide counter */
+    sse_ids   *ids;            /* the app-wide ids */
     sse_sub  **subs;
     unsigned   nsubs, subs_cap;
     entry     *hist;           /* ring of the last `history` events */
@@ -30,7 +31,17 @@ struct sse_channel {
     uint64_t   dropped;        /* newest sequence number no longer kept (0: none) */
 };
 
-sse_channel *sse_channel_new(const char *name, unsigned history, uint64_t *seq)
+uint64_t sse_ids_epoch(void)
+{
+    static uint64_t last;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t ms = (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+    last = ms > last ? ms : last + 1;
+    return last;
+}
+
+sse_channel *sse_channel_new(const char *name, unsigned history, sse_ids *ids)
 {
     sse_channel *ch = calloc(1, sizeof *ch);
     if (!ch)
@@ -44,7 +55,7 @@ sse_channel *sse_channel_new(const char *name, unsigned history, uint64_t *seq)
         return NULL;
     }
     ch->history = history;
-    ch->seq = seq;
+    ch->ids = ids;
     return ch;
 }
 
@@ -120,11 +131,12 @@ static int hold(sse_subscriber *sb, uint64_t seq, sse_chunk *c)
 
 uint64_t sse_channel_publish(sse_channel *ch, const sse_event *ev)
 {
-    uint64_t seq = ++*ch->seq;
+    uint64_t seq = ++ch->ids->seq;
     sse_event e = *ev;
-    char num[24];
+    char num[48];
     if (!e.id) {
-        e.id_len = (size_t)snprintf(num, sizeof num, "%llu", (unsigned long long)seq);
+        e.id_len = (size_t)snprintf(num, sizeof num, "%llu-%llu",
+                                    (unsigned long long)ch->ids->epoch, (unsigned long long)seq);
         e.id = num;
     }
     size_t n = sse_frame_size(&e);
@@ -160,19 +172,29 @@ uint64_t sse_channel_publish(sse_channel *ch, const sse_event *ev)
     return seq;
 }
 
-/* Is s a decimal number that fits, as sequence-number ids are? */
-static int parse_seq(const char *s, size_t len, uint64_t *out)
+/* Reads a decimal number that fits in 64 bits: the count of digits used, or 0. */
+static size_t read_number(const char *s, size_t len, uint64_t *out)
 {
-    if (len == 0 || len > 19)
-        return 0;
     uint64_t v = 0;
-    for (size_t i = 0; i < len; i++) {
-        if (s[i] < '0' || s[i] > '9')
-            return 0;
-        v = v * 10 + (uint64_t)(s[i] - '0');
-    }
+    size_t i = 0;
+    while (i < len && i < 19 && s[i] >= '0' && s[i] <= '9')
+        v = v * 10 + (uint64_t)(s[i++] - '0');
     *out = v;
-    return 1;
+    return i;
+}
+
+/* Is s one of our ids ("<epoch>-<seq>")? 1 with *seq set: of this app's epoch; -1: of
+ * another epoch (an earlier run); 0: not of this form. */
+static int parse_id(const sse_ids *ids, const char *s, size_t len, uint64_t *seq)
+{
+    uint64_t epoch;
+    size_t n = read_number(s, len, &epoch);
+    if (n == 0 || n >= len || s[n] != '-')
+        return 0;
+    size_t m = read_number(s + n + 1, len - n - 1, seq);
+    if (m == 0 || n + 1 + m != len)
+        return 0;
+    return epoch == ids->epoch ? 1 : -1;
 }
 
 unsigned sse_channel_resume_point(const sse_channel *ch, const char *last_id, size_t len,
@@ -180,10 +202,10 @@ unsigned sse_channel_resume_point(const sse_channel *ch, const char *last_id, si
 {
     *missed = 0;
     if (!last_id) {
-        *after = *ch->seq;
+        *after = ch->ids->seq;
         return 0;
     }
-    /* An id of ours (a kept event's own id) wins over reading it as a number. */
+    /* An id of ours (a kept event's own id, maybe the app's) wins over reading it. */
     int found = 0;
     for (unsigned i = ch->count; i-- > 0;) {
         const entry *e = hist_at(ch, i);
@@ -193,14 +215,11 @@ unsigned sse_channel_resume_point(const sse_channel *ch, const char *last_id, si
             break;
         }
     }
-    if (!found && !parse_seq(last_id, len, after)) {
-        /* Unknown id: replay what is kept and say that more may be missing. */
+    if (!found && (parse_id(ch->ids, last_id, len, after) != 1 || *after > ch->ids->seq)) {
+        /* An earlier run's id, or one never issued: nothing is known of what the client
+         * has, so replay what is kept and say that more may be missing. */
         *after = 0;
-        *missed = ch->dropped > 0 || ch->count > 0;
-    } else if (!found && *after > *ch->seq) {
-        /* From the future (ids of an earlier run of the server): nothing is known. */
-        *after = 0;
-        *missed = ch->dropped > 0 || ch->count > 0;
+        *missed = 1;
     } else if (ch->dropped > *after) {
         *missed = 1;
     }

@@ -3,8 +3,9 @@
  * A publish encodes the event once into a reference-counted chunk; every subscriber's
  * queue gets a pointer to that chunk (no copy, no Lua call per subscriber), and the
  * channel keeps the last `history` chunks for replay. Every publish takes the next
- * number of an app-wide sequence; an event without an id is sent with that number as
- * its id, so one Last-Event-ID resumes any set of channels. Each publish is encoded in
+ * number of an app-wide sequence; an event without an id is sent with the id
+ * "<epoch>-<number>" (sse_ids), so one Last-Event-ID resumes any set of channels, and an
+ * id from an earlier run of the server (another epoch) is always recognised as one. Each publish is encoded in
  * both stream formats (SSE and NDJSON): once each, whatever the subscribers.
  *
  * Replay without a seam: a subscription made with a last event id is "pending" until
@@ -25,6 +26,18 @@
 #include "sse_server.h"
 
 typedef struct sse_channel sse_channel;
+
+/* The app-wide ids: "<epoch>-<seq>". The epoch is the app's start time in milliseconds
+ * since 1970 (made unique within the process), the sequence counts from 1. A restarted
+ * server has a new epoch, so a client resuming with an id from before the restart gets
+ * the gap event instead of events silently matched against a restarted count. */
+typedef struct sse_ids {
+    uint64_t epoch;
+    uint64_t seq;
+} sse_ids;
+
+/* A new epoch: now, or one more than the last one given in this process. */
+uint64_t sse_ids_epoch(void);
 typedef struct sse_sub sse_sub;
 
 typedef struct sse_held {
@@ -55,22 +68,23 @@ typedef struct sse_subscriber {
     unsigned     nheld, held_cap;
 } sse_subscriber;
 
-/* seq: the app-wide sequence counter shared by all channels of an app. */
-sse_channel *sse_channel_new(const char *name, unsigned history, uint64_t *seq);
+/* ids: the app-wide ids shared by all channels of an app. */
+sse_channel *sse_channel_new(const char *name, unsigned history, sse_ids *ids);
 void         sse_channel_free(sse_channel *ch);  /* no subscriber may remain */
 const char  *sse_channel_name(const sse_channel *ch);
 unsigned     sse_channel_subscribers(const sse_channel *ch);
 unsigned     sse_channel_history(const sse_channel *ch);
 
 /* Encodes ev once and queues it to every subscriber. An event without an id is sent
- * with its sequence number as the id. Returns the sequence number, 0 on ENOMEM.
+ * with the app's id for its sequence number. Returns the sequence number, 0 on ENOMEM.
  * ev must have passed sse_frame_validate. */
 uint64_t sse_channel_publish(sse_channel *ch, const sse_event *ev);
 
 /* What a subscription with this last event id would replay. last_id NULL: nothing
  * (a fresh client). *after receives the sequence number to replay after; the return
  * value is the count of kept events after it, and *missed is 1 when events after it
- * are no longer kept (or the id is unknown). */
+ * are no longer kept, or may be: an id of another epoch (an earlier run) or one this
+ * app never issued; then everything kept is replayed. */
 unsigned sse_channel_resume_point(const sse_channel *ch, const char *last_id, size_t len,
                                   uint64_t *after, int *missed);
 

@@ -3,9 +3,9 @@
  * Life of a stream: the access handler answers with a callback response whose reader
  * copies queued bytes; with nothing queued the reader suspends the connection, and the
  * next write resumes it. MHD_run is called again after resumes: MHD 0.9.75's
- * MHD_get_timeout ignores pending resumes (see ../shared/notes/libmicrohttpd.md §1).
+ * MHD_get_timeout ignores pending resumes (docs/libmicrohttpd.md, "The loop").
  * Hang-ups are seen through our own EPOLLRDHUP watch on each stream's socket, because
- * MHD does not read while it sends a body (§3). Lua never runs inside the reader: hooks
+ * MHD does not read while it sends a body. Lua never runs inside the reader: hooks
  * that may run Lua are deferred to after MHD_run.
  *
  * Resumes are batched, and the batches paced by their own cost: wake() only lists the
@@ -15,6 +15,14 @@
  * coming) keeps accepting publishes meanwhile, so each send() carries every event that
  * queued up — as a goroutine-per-client server does under load — and the cost per
  * delivery falls as the load rises, for at most SSE_BATCH_WAIT_MAX_US of added latency.
+ *
+ * Hostile clients: every connection has a record (sse_conn) from accept to close, on at
+ * most one deadline list: "waiting" (its request head and body must arrive within
+ * request_timeout) or "idle" (kept alive between requests). A connection past its
+ * deadline is shut down. Request heads are checked before any body is read (methods,
+ * NUL in the path, framing that could smuggle a request past a proxy), and a request
+ * that announces a body is routed first (the admit hook), so bodies nobody wants are
+ * never read. See docs/security.md.
  */
 #include "sse_server.h"
 #include "sse_buf.h"
@@ -53,7 +61,54 @@
  * 32, 1.1M deliveries/s, p99 13 ms; 8: 1.65M/s, p99 8-9 ms; 4: 1.0M/s, p99 7-8 ms. */
 #define SSE_UNSENT_MAX 8
 
-enum { SSE_LOG_DEBUG = 3 };
+/* How often a burst of the same refusal (per-address limit, descriptor limit) is logged. */
+#define SSE_BURST_LOG_MS 10000
+/* MHD may keep asking to be run at once (a connection it cannot progress stays on its
+ * ready list). After this long of that with no response being sent (the legitimate
+ * reason: a large body goes out one block per run until the socket is full), the loop
+ * waits at least SSE_SPIN_WAIT_US per turn and runs MHD once per turn, so no connection
+ * state can make the loop spin. */
+#define SSE_SPIN_AFTER_US 1000000
+#define SSE_SPIN_WAIT_US 1000
+/* Buckets of the per-address connection counts (only with max_per_ip). */
+#define SSE_IP_BUCKETS 1024
+
+/* One refusal logged per burst: the first at once, the rest counted into the next line. */
+typedef struct sse_burst {
+    uint64_t next_ms;    /* loop clock: log again not before this */
+    unsigned more;       /* refusals since the last line */
+} sse_burst;
+
+typedef struct sse_conn sse_conn;
+
+/* Connections with a deadline, in deadline order (all share one timeout, so appending
+ * keeps the order). */
+typedef struct sse_conn_list {
+    sse_conn *head, *tail;
+    unsigned  timeout_ms;   /* 0: connections are never put on this list */
+} sse_conn_list;
+
+/* Connections from one address, while max_per_ip is set. */
+typedef struct sse_ip_count {
+    unsigned char        addr[16];   /* IPv4 as ::ffff:a.b.c.d */
+    unsigned             n;
+    struct sse_ip_count *next;
+} sse_ip_count;
+
+/* A TCP connection, from MHD's NOTIFY_STARTED to NOTIFY_CLOSED (several requests with
+ * keep-alive). */
+struct sse_conn {
+    sse_server            *srv;
+    struct MHD_Connection *conn;
+    int                    fd;
+    sse_conn_list         *list;       /* the deadline it is on, or NULL */
+    uint64_t               deadline;   /* loop clock, ms */
+    sse_conn              *prev, *next;
+    sse_ip_count          *ip;         /* its address's count, with max_per_ip */
+    int                    decoded_nul; /* the last percent-decoding MHD asked of us made a
+                                          NUL; MHD decodes the path last, so at the access
+                                          handler this says whether the path has one */
+};
 
 struct sse_server {
     sse_loop          *loop;
@@ -75,6 +130,14 @@ struct sse_server {
     sse_stream        *streams;        /* streams whose connection is alive */
     sse_stream        *ready;          /* deferred stream_ready hooks */
     sse_stream        *closed;         /* deferred stream_closed hooks */
+    sse_conn_list      waiting;        /* request head or body still to come */
+    sse_conn_list      idle;           /* kept alive, between requests */
+    sse_timer          deadlines;      /* fires at the earliest deadline of both lists */
+    sse_ip_count     **ips;            /* SSE_IP_BUCKETS buckets, with max_per_ip */
+    sse_burst          per_ip_burst;
+    sse_burst          accept_burst;
+    int64_t            mhd_zero_since; /* MHD has asked to run at once since (us), or 0 */
+    unsigned           responding;     /* requests answered (not streams), not completed */
 };
 
 struct sse_request {
@@ -86,11 +149,14 @@ struct sse_request {
     int                    has_body;
     int                    too_large;
     int                    answered;
+    int                    responding;  /* counted in srv->responding */
     int                    wrote;       /* its hook queued bytes on streams (a publish) */
     unsigned               held_status;
     struct MHD_Response   *held;        /* its answer, held by backpressure */
     sse_request           *held_next;
     sse_stream            *stream;
+    sse_conn              *c;
+    uint64_t               body_length; /* announced by Content-Length */
     char                   peer[INET6_ADDRSTRLEN + 8];
 };
 
@@ -135,6 +201,24 @@ static void slog(sse_server *srv, int level, const char *fmt, ...)
     srv->cfg.hooks->log(srv->cfg.ud, level, msg);
 }
 
+/* Logs the first of a burst of like refusals at once and counts the others into the next
+ * line, at most one line per SSE_BURST_LOG_MS: an attacker cannot flood the log. */
+static void log_burst(sse_server *srv, sse_burst *b, const char *what)
+{
+    uint64_t now = sse_loop_now(srv->loop);
+    if (b->next_ms && now < b->next_ms) {
+        b->more++;
+        return;
+    }
+    if (b->more)
+        slog(srv, SSE_LOG_WARN, "%s (and %u more like it in the last %u s)", what, b->more,
+             SSE_BURST_LOG_MS / 1000);
+    else
+        slog(srv, SSE_LOG_WARN, "%s", what);
+    b->more = 0;
+    b->next_ms = now + SSE_BURST_LOG_MS;
+}
+
 static void mhd_log(void *cls, const char *fmt, va_list ap)
 {
     sse_server *srv = cls;
@@ -145,11 +229,211 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
     size_t n = strlen(msg);
     while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r'))
         msg[--n] = '\0';
-    /* MHD reports every reader abort (our way of closing a dead client) as an error:
-     * keep its messages out of the default log. */
     if (!srv->mhd)   /* while starting: keep it, it may explain a failure */
         snprintf(srv->tls_error, sizeof srv->tls_error, "%.200s", msg);
+    /* accept() failing (EMFILE: the descriptor limit) is the one MHD message an operator
+     * must see: clients then wait unanswered in the backlog. */
+    if (strncmp(msg, "Error accepting connection", 26) == 0) {
+        struct rlimit rl;
+        char what[400];
+        getrlimit(RLIMIT_NOFILE, &rl);
+        snprintf(what, sizeof what, "cannot accept connections: %s (descriptor limit %llu; "
+                 "raise it with ulimit -n, or lower max_connections)", msg + 26 + (msg[26] == ':') + 1,
+                 (unsigned long long)rl.rlim_cur);
+        log_burst(srv, &srv->accept_burst, what);
+        return;
+    }
+    /* Everything else (every reader abort, our way of closing a dead client, is reported
+     * as an error) stays out of the default log. */
     srv->cfg.hooks->log(srv->cfg.ud, SSE_LOG_DEBUG, msg);
+}
+
+/* ---- connections: deadlines and per-address counts ---- */
+
+static void arm_deadlines(sse_server *srv)
+{
+    uint64_t due = UINT64_MAX;
+    if (srv->waiting.head)
+        due = srv->waiting.head->deadline;
+    if (srv->idle.head && srv->idle.head->deadline < due)
+        due = srv->idle.head->deadline;
+    if (due == UINT64_MAX) {
+        sse_timer_stop(srv->loop, &srv->deadlines);
+        return;
+    }
+    uint64_t now = sse_loop_now(srv->loop);
+    sse_timer_start(srv->loop, &srv->deadlines, due > now ? due - now : 0, 0);
+}
+
+static void conn_unlist(sse_conn *c)
+{
+    sse_conn_list *l = c->list;
+    if (!l)
+        return;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        l->head = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    else
+        l->tail = c->prev;
+    c->prev = c->next = NULL;
+    c->list = NULL;
+}
+
+/* Starts c's deadline on list l (replacing any other). A list with no timeout means none. */
+static void conn_deadline(sse_conn *c, sse_conn_list *l)
+{
+    sse_server *srv = c->srv;
+    conn_unlist(c);
+    if (!l->timeout_ms)
+        return;
+    c->deadline = sse_loop_now(srv->loop) + l->timeout_ms;
+    c->prev = l->tail;
+    if (l->tail)
+        l->tail->next = c;
+    else
+        l->head = c;
+    l->tail = c;
+    c->list = l;
+    if (l->head == c)
+        arm_deadlines(srv);
+}
+
+/* Past its deadline: shut the socket down. MHD sees the hang-up on its next run and
+ * closes the connection (it cannot be told to from outside a callback). */
+static void on_deadlines(sse_timer *t)
+{
+    sse_server *srv = container_of(t, sse_server, deadlines);
+    uint64_t now = sse_loop_now(srv->loop);
+    sse_conn_list *lists[] = { &srv->waiting, &srv->idle };
+    for (int i = 0; i < 2; i++) {
+        while (lists[i]->head && lists[i]->head->deadline <= now) {
+            sse_conn *c = lists[i]->head;
+            conn_unlist(c);
+            slog(srv, SSE_LOG_DEBUG, "closing a connection %s (fd %d)",
+                 lists[i] == &srv->idle ? "idle after its last request" : "whose request did not arrive in time",
+                 c->fd);
+            shutdown(c->fd, SHUT_RDWR);
+        }
+    }
+    arm_deadlines(srv);
+}
+
+static void ip_key(const struct sockaddr *sa, unsigned char key[16])
+{
+    memset(key, 0, 16);
+    if (sa->sa_family == AF_INET6) {
+        memcpy(key, &((const struct sockaddr_in6 *)sa)->sin6_addr, 16);
+    } else if (sa->sa_family == AF_INET) {
+        key[10] = key[11] = 0xff;
+        memcpy(key + 12, &((const struct sockaddr_in *)sa)->sin_addr, 4);
+    }
+}
+
+static sse_ip_count **ip_slot(sse_server *srv, const unsigned char key[16])
+{
+    uint32_t h = 2166136261u;   /* FNV-1a */
+    for (int i = 0; i < 16; i++)
+        h = (h ^ key[i]) * 16777619u;
+    sse_ip_count **p = &srv->ips[h % SSE_IP_BUCKETS];
+    while (*p && memcmp((*p)->addr, key, 16) != 0)
+        p = &(*p)->next;
+    return p;
+}
+
+/* MHD's accept policy: the connection limit per address. The count itself is kept from
+ * NOTIFY_STARTED to NOTIFY_CLOSED, nothing runs between this and NOTIFY_STARTED. */
+static enum MHD_Result on_accept(void *cls, const struct sockaddr *sa, socklen_t len)
+{
+    sse_server *srv = cls;
+    if (!srv->cfg.max_per_ip || !srv->ips)
+        return MHD_YES;
+    unsigned char key[16];
+    ip_key(sa, key);
+    sse_ip_count *e = *ip_slot(srv, key);
+    if (!e || e->n < srv->cfg.max_per_ip)
+        return MHD_YES;
+    char ip[INET6_ADDRSTRLEN] = "?", what[200];
+    if (sa->sa_family == AF_INET)
+        inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, ip, sizeof ip);
+    else if (sa->sa_family == AF_INET6)
+        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, ip, sizeof ip);
+    snprintf(what, sizeof what, "refused a connection from %s: it has %u open "
+             "(max_connections_per_ip)", ip, e->n);
+    log_burst(srv, &srv->per_ip_burst, what);
+    return MHD_NO;
+}
+
+static void count_ip(sse_conn *c)
+{
+    sse_server *srv = c->srv;
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(c->conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    if (!srv->ips || !ci || !ci->client_addr)
+        return;
+    unsigned char key[16];
+    ip_key(ci->client_addr, key);
+    sse_ip_count **slot = ip_slot(srv, key);
+    if (!*slot) {
+        if (!(*slot = calloc(1, sizeof **slot)))
+            return;    /* uncounted: the limit is a defence, not a correctness matter */
+        memcpy((*slot)->addr, key, 16);
+    }
+    (*slot)->n++;
+    c->ip = *slot;
+}
+
+static void uncount_ip(sse_conn *c)
+{
+    if (!c->ip || --c->ip->n > 0)
+        return;
+    sse_ip_count **slot = ip_slot(c->srv, c->ip->addr);
+    *slot = c->ip->next;
+    free(c->ip);
+}
+
+static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
+                          enum MHD_ConnectionNotificationCode code)
+{
+    sse_server *srv = cls;
+    sse_conn *c = *socket_context;
+    if (code == MHD_CONNECTION_NOTIFY_STARTED) {
+        if (!(c = calloc(1, sizeof *c)))
+            return;    /* no deadline for it: only the descriptor limit bounds it */
+        c->srv = srv;
+        c->conn = conn;
+        const union MHD_ConnectionInfo *ci =
+            MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+        c->fd = ci ? ci->connect_fd : -1;
+        count_ip(c);
+        conn_deadline(c, &srv->waiting);
+        *socket_context = c;
+    } else if (c) {
+        conn_unlist(c);
+        uncount_ip(c);
+        free(c);
+        *socket_context = NULL;
+    }
+}
+
+static sse_conn *conn_of(struct MHD_Connection *conn)
+{
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    return ci ? ci->socket_context : NULL;
+}
+
+/* MHD's own percent-decoding, noting whether it produced a NUL: a decoded path is a C
+ * string everywhere after this, so "/a%00/b" would silently become "/a". */
+static size_t on_unescape(void *cls, struct MHD_Connection *conn, char *s)
+{
+    size_t n = MHD_http_unescape(s);
+    sse_conn *c = conn_of(conn);
+    if (c)
+        c->decoded_nul = strlen(s) != n;
+    return n;
 }
 
 /* ---- deferred hooks ---- */
@@ -234,13 +518,28 @@ static int mhd_wants_more(sse_server *srv)
     return MHD_get_timeout(srv->mhd, &ms) == MHD_YES && ms == 0;
 }
 
+/* Has MHD been asking to run at once for so long, with nothing to send, that it must be
+ * making no progress? */
+static int mhd_spinning(const sse_server *srv)
+{
+    return srv->mhd_zero_since && !srv->responding &&
+           sse_loop_now_us() - srv->mhd_zero_since > SSE_SPIN_AFTER_US;
+}
+
 static void drive_mhd(sse_server *srv)
 {
     int passes = 0;
+    int spinning = mhd_spinning(srv);
+    int more;
     do {
         srv->resume_pending = 0;
         MHD_run(srv->mhd);
-    } while ((srv->resume_pending || mhd_wants_more(srv)) && ++passes < SSE_MHD_PASSES);
+        more = mhd_wants_more(srv);
+    } while ((srv->resume_pending || (more && !spinning)) && ++passes < SSE_MHD_PASSES);
+    if (!more)
+        srv->mhd_zero_since = 0;
+    else if (!srv->mhd_zero_since)
+        srv->mhd_zero_since = sse_loop_now_us();
 }
 
 /* The batch went out: answer the requests held back (their next MHD_run does it). */
@@ -422,29 +721,169 @@ static int queue_plain(sse_request *r, int status, const char *body)
     return sse_request_respond(r, status, h, 1, body, strlen(body));
 }
 
+/* ---- the request head, checked before anything else sees it ---- */
+
+static int is_tchar(unsigned char ch)
+{
+    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+           (ch && strchr("!#$%&'*+-.^_`|~", ch));
+}
+
+struct head_scan {
+    int         content_lengths;   /* Content-Length fields seen */
+    int         lengths_differ;
+    int         bad_length;        /* not a plain decimal number */
+    uint64_t    length;
+    int         transfer_encoding; /* Transfer-Encoding fields seen */
+    int         chunked;           /* ... and it says exactly "chunked" */
+    int         bad_name;          /* whitespace in a field name ("Transfer-Encoding :") */
+    int         host;
+};
+
+static enum MHD_Result scan_header(void *cls, enum MHD_ValueKind kind, const char *key,
+                                   size_t key_len, const char *value, size_t value_len)
+{
+    struct head_scan *h = cls;
+    if (!value)
+        value = "", value_len = 0;
+    for (size_t i = 0; i < key_len; i++)
+        if (!is_tchar((unsigned char)key[i]))
+            h->bad_name = 1;
+    if (strcasecmp(key, "Content-Length") == 0) {
+        uint64_t v = 0;
+        int ok = value_len > 0 && value_len <= 19;
+        for (size_t i = 0; ok && i < value_len; i++) {
+            ok = value[i] >= '0' && value[i] <= '9';
+            v = v * 10 + (uint64_t)(value[i] - '0');
+        }
+        h->bad_length |= !ok;
+        if (h->content_lengths++ && v != h->length)
+            h->lengths_differ = 1;
+        h->length = v;
+    } else if (strcasecmp(key, "Transfer-Encoding") == 0) {
+        h->transfer_encoding++;
+        h->chunked = strcasecmp(value, "chunked") == 0;
+    } else if (strcasecmp(key, "Host") == 0) {
+        h->host = 1;
+    }
+    return MHD_YES;
+}
+
+/* What the head of r deserves before anyone looks at it: 0 (fine) or an error status,
+ * with the reason in *why. The framing rules are RFC 9112's for a server that may sit
+ * behind a proxy: any ambiguity about where a body ends could let a client smuggle a
+ * second request past the proxy, so it is refused and the connection closed. */
+static int check_head(sse_request *r, const char *version, const char **why)
+{
+    const char *m = r->method;
+    int upper = *m != '\0';
+    for (const char *p = m; *p; p++) {
+        if (!is_tchar((unsigned char)*p)) {
+            *why = "malformed method";
+            return 400;
+        }
+        upper &= (*p >= 'A' && *p <= 'Z') || *p == '_' || *p == '-';
+    }
+    if (!upper) {            /* methods are case-sensitive: "get" is not GET */
+        *why = "method not implemented";
+        return 501;
+    }
+    if (r->c && r->c->decoded_nul) {
+        *why = "NUL in the path";
+        return 400;
+    }
+    struct head_scan h = { 0 };
+    MHD_get_connection_values_n(r->conn, MHD_HEADER_KIND, scan_header, &h);
+    if (h.bad_name) {
+        *why = "malformed header field name";
+        return 400;
+    }
+    if (strcmp(version, "HTTP/1.1") == 0 && !h.host) {
+        *why = "HTTP/1.1 request without Host";
+        return 400;
+    }
+    if (h.transfer_encoding && h.content_lengths) {
+        *why = "both Content-Length and Transfer-Encoding";
+        return 400;
+    }
+    if (h.bad_length || h.lengths_differ) {
+        *why = "malformed Content-Length";
+        return 400;
+    }
+    if (h.transfer_encoding > 1 || (h.transfer_encoding && !h.chunked)) {
+        *why = "transfer coding not implemented";
+        return 501;
+    }
+    /* Bodies are read whole (at most max_body) before the handler runs, so a chunked one
+     * gains nothing over Content-Length; and libmicrohttpd 0.9.75 stalls for good (and
+     * keeps the loop busy) on a chunk-size line longer than its read buffer. */
+    if (h.chunked) {
+        *why = "chunked request bodies are not accepted: send Content-Length";
+        return 411;
+    }
+    r->body_length = h.length;
+    if (h.length > r->srv->cfg.max_body) {
+        *why = "request body too large";
+        return 413;
+    }
+    return 0;
+}
+
+/* The first call for a request: its head is complete, no body byte has been read. */
+static enum MHD_Result start_request(sse_server *srv, struct MHD_Connection *conn,
+                                     const char *url, const char *method,
+                                     const char *version, void **con_cls)
+{
+    sse_request *r = calloc(1, sizeof *r);
+    if (!r)
+        return MHD_NO;
+    r->srv = srv;
+    r->conn = conn;
+    r->method = method;
+    r->path = url;
+    r->c = conn_of(conn);
+    peer_name(conn, r->peer, sizeof r->peer);
+    *con_cls = r;
+    /* A new request on a kept-alive connection: its body has request_timeout from now. */
+    if (r->c && r->c->list == &srv->idle)
+        conn_deadline(r->c, &srv->waiting);
+    const char *why = NULL;
+    int status = check_head(r, version, &why);
+    if (status) {
+        /* Answered on the first call: MHD reads no body and closes the connection. */
+        slog(srv, SSE_LOG_DEBUG, "%s: %d %s", r->peer, status, why);
+        char body[128];
+        snprintf(body, sizeof body, "%s\n", why);
+        queue_plain(r, status, body);
+        return MHD_YES;
+    }
+    if (r->body_length && srv->cfg.hooks->admit)
+        srv->cfg.hooks->admit(srv->cfg.ud, r);
+    return MHD_YES;
+}
+
+/* The request is answered (or is a stream): no deadline for its connection any more. */
+static void request_answered(sse_request *r, int stream)
+{
+    r->answered = 1;
+    if (!stream) {
+        r->responding = 1;
+        r->srv->responding++;
+    }
+    if (r->c)
+        conn_unlist(r->c);
+}
+
 static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const char *url,
                                  const char *method, const char *version,
                                  const char *upload, size_t *upload_size, void **con_cls)
 {
     sse_server *srv = cls;
     sse_request *r = *con_cls;
-    if (!r) {
-        r = calloc(1, sizeof *r);
-        if (!r)
-            return MHD_NO;
-        r->srv = srv;
-        r->conn = conn;
-        peer_name(conn, r->peer, sizeof r->peer);
-        *con_cls = r;
-        const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
-                                                     MHD_HTTP_HEADER_CONTENT_LENGTH);
-        if (cl && strtoull(cl, NULL, 10) > srv->cfg.max_body) {
-            /* Answer before the body is read: MHD then closes the connection. */
-            queue_plain(r, 413, "request body too large\n");
-        }
-        return MHD_YES;
-    }
+    if (!r)
+        return start_request(srv, conn, url, method, version, con_cls);
     if (*upload_size) {
+        /* Content-Length was checked against max_body, but count anyway. */
         if (!r->too_large && !r->answered) {
             if (*upload_size > srv->cfg.max_body - r->body.len) {
                 r->too_large = 1;
@@ -469,26 +908,29 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const c
         queue_plain(r, 413, "request body too large\n");
         return MHD_YES;
     }
-    r->method = method;
-    r->path = url;
     srv->current = r;
     srv->cfg.hooks->request(srv->cfg.ud, r);
     srv->current = NULL;
     if (r->wrote)
         srv->unsent++;
-    if (!r->answered)
-        queue_plain(r, 500, "internal server error\n");
+    if (!r->answered && queue_plain(r, 500, "internal server error\n") != 0)
+        return MHD_NO;           /* not even that: MHD closes the connection */
     return MHD_YES;
 }
 
 static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
                          enum MHD_RequestTerminationCode toe)
 {
+    sse_server *srv = cls;
     sse_request *r = *con_cls;
     if (!r)
         return;
+    if (r->responding)
+        srv->responding--;
     if (r->stream)
         stream_completed(r->stream);
+    else if (r->c && toe == MHD_REQUEST_TERMINATED_COMPLETED_OK)
+        conn_deadline(r->c, &srv->idle);   /* may be kept alive: idle until the next */
     if (r->held)
         MHD_destroy_response(r->held);
     sse_buf_free(&r->body);
@@ -499,6 +941,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 const char *sse_request_method(const sse_request *r) { return r->method; }
 const char *sse_request_path(const sse_request *r) { return r->path; }
 const char *sse_request_peer(const sse_request *r) { return r->peer; }
+
+uint64_t sse_request_body_length(const sse_request *r) { return r->body_length; }
 
 const char *sse_request_body(const sse_request *r, size_t *len)
 {
@@ -531,7 +975,8 @@ void sse_request_query(sse_request *r, sse_kv_cb cb, void *ud)
 int sse_request_respond(sse_request *r, int status, const sse_header *h, size_t nh,
                         const char *body, size_t len)
 {
-    if (r->answered)
+    /* 1xx are the protocol's own (100-continue, upgrades), never a final answer. */
+    if (r->answered || status < 200 || status > 999)
         return -1;
     struct MHD_Response *resp =
         MHD_create_response_from_buffer(len, (void *)(body ? body : ""), MHD_RESPMEM_MUST_COPY);
@@ -541,7 +986,6 @@ int sse_request_respond(sse_request *r, int status, const sse_header *h, size_t 
         MHD_destroy_response(resp);
         return -1;
     }
-    r->answered = 1;
     sse_server *srv = r->srv;
     /* Backpressure on publishers: a request that queued events for streams while more
      * than SSE_UNSENT_MAX such requests wait for the next batch is answered only once that
@@ -553,11 +997,42 @@ int sse_request_respond(sse_request *r, int status, const sse_header *h, size_t 
         r->held_next = srv->held;
         srv->held = r;
         MHD_suspend_connection(r->conn);
+        request_answered(r, 0);
         return 0;
     }
     enum MHD_Result ok = MHD_queue_response(r->conn, (unsigned)status, resp);
     MHD_destroy_response(resp);
-    return ok == MHD_YES ? 0 : -1;
+    if (ok != MHD_YES)
+        return -1;
+    request_answered(r, 0);
+    return 0;
+}
+
+int sse_request_respond_file(sse_request *r, int status, const sse_header *h, size_t nh,
+                             int fd, uint64_t offset, uint64_t len)
+{
+    if (r->answered || status < 200 || status > 999) {
+        close(fd);
+        return -1;
+    }
+    /* MHD reads it in blocks of the connection's write buffer as the socket drains (or
+     * uses sendfile() once told SIGPIPE is handled, MHD_OPTION_SIGPIPE_HANDLED_BY_APP),
+     * so a file of any size costs no memory here. */
+    struct MHD_Response *resp = MHD_create_response_from_fd_at_offset64(len, fd, offset);
+    if (!resp) {
+        close(fd);
+        return -1;
+    }
+    if (add_headers(resp, h, nh) != 0) {
+        MHD_destroy_response(resp);   /* closes fd */
+        return -1;
+    }
+    enum MHD_Result ok = MHD_queue_response(r->conn, (unsigned)status, resp);
+    MHD_destroy_response(resp);
+    if (ok != MHD_YES)
+        return -1;
+    request_answered(r, 0);
+    return 0;
 }
 
 static int has_header(const sse_header *h, size_t nh, const char *name)
@@ -608,14 +1083,14 @@ sse_stream *sse_request_stream(sse_request *r, const sse_stream_opts *o)
     if (!bad)
         bad = MHD_add_response_header(resp, "X-Accel-Buffering", "no") != MHD_YES;
     enum MHD_Result ok = bad ? MHD_NO : MHD_queue_response(r->conn, MHD_HTTP_OK, resp);
-    r->answered = 1;
     st->conn = r->conn;
     MHD_destroy_response(resp);   /* runs stream_response_free now if not queued */
     if (ok != MHD_YES) {
         st->conn = NULL;
         stream_unref(st);         /* the binding's reference: nobody else has it */
-        return NULL;
+        return NULL;              /* still unanswered: the caller's fallback answers */
     }
+    request_answered(r, 1);       /* a stream is bounded by its heartbeat, not a deadline */
     r->stream = st;
 
     const union MHD_ConnectionInfo *ci =
@@ -754,6 +1229,9 @@ sse_server *sse_server_new(sse_loop *loop, const sse_server_config *cfg)
     srv->cfg.host = srv->host;
     srv->listen_fd = -1;
     srv->mhd_watch.fd = -1;
+    srv->waiting.timeout_ms = cfg->request_timeout_ms;
+    srv->idle.timeout_ms = cfg->keepalive_timeout_ms;
+    sse_timer_init(&srv->deadlines, on_deadlines);
     return srv;
 }
 
@@ -849,9 +1327,18 @@ int sse_server_listen(sse_server *srv, const char *tls_cert, const char *tls_key
         tls_opts[0].option = MHD_OPTION_END;
     srv->tls_error[0] = '\0';
     srv->shutting_down = 0;
-    srv->mhd = MHD_start_daemon(flags, 0, NULL, NULL, on_access, srv,
+    if (srv->cfg.max_per_ip && !srv->ips &&
+        !(srv->ips = calloc(SSE_IP_BUCKETS, sizeof *srv->ips))) {
+        close(srv->listen_fd);
+        srv->listen_fd = -1;
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    srv->mhd = MHD_start_daemon(flags, 0, on_accept, srv, on_access, srv,
         MHD_OPTION_LISTEN_SOCKET, (MHD_socket)srv->listen_fd,
         MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv,
+        MHD_OPTION_NOTIFY_CONNECTION, on_connection, srv,
+        MHD_OPTION_UNESCAPE_CALLBACK, on_unescape, srv,
         MHD_OPTION_CONNECTION_MEMORY_LIMIT, srv->cfg.conn_memory,
         MHD_OPTION_CONNECTION_LIMIT, connection_limit(srv),
         MHD_OPTION_EXTERNAL_LOGGER, mhd_log, srv,
@@ -909,6 +1396,10 @@ int64_t sse_server_timeout(const sse_server *srv)
     MHD_UNSIGNED_LONG_LONG ms;
     if (MHD_get_timeout(srv->mhd, &ms) == MHD_YES) {
         int64_t m = ms > 86400000ull ? 86400000000LL : (int64_t)ms * 1000;
+        /* A legitimate "at once" (a response larger than one send) ends when the socket
+         * is full; one that lasts a second is a connection MHD cannot progress. */
+        if (m == 0 && mhd_spinning(srv))
+            m = SSE_SPIN_WAIT_US;
         if (t < 0 || m < t)
             t = m;
     }
@@ -965,6 +1456,9 @@ void sse_server_shutdown(sse_server *srv, unsigned drain_ms)
         run_deferred(srv);
     sse_gzip_twins_free(srv->twins);
     srv->twins = NULL;
+    sse_timer_stop(srv->loop, &srv->deadlines);
+    free(srv->ips);               /* every count went with its connection */
+    srv->ips = NULL;
 }
 
 void sse_server_free(sse_server *srv)

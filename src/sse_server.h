@@ -1,6 +1,6 @@
 /* sse_server: the libmicrohttpd glue. MHD runs in external-epoll mode inside sse_loop on
  * the caller's thread; streams are suspended while their queue is empty and resumed when
- * bytes arrive (see ../shared/notes/libmicrohttpd.md for why each step is as it is).
+ * bytes arrive (docs/libmicrohttpd.md says why each step is as it is).
  * Plain C, no Lua: the binding sees requests and streams through the hooks below.
  */
 #ifndef SSE_SERVER_H
@@ -20,9 +20,13 @@ typedef struct sse_header {
     const char *value;
 } sse_header;
 
-enum { SSE_LOG_ERROR = 0, SSE_LOG_WARN = 1, SSE_LOG_INFO = 2 };
+enum { SSE_LOG_ERROR = 0, SSE_LOG_WARN = 1, SSE_LOG_INFO = 2, SSE_LOG_DEBUG = 3 };
 
 typedef struct sse_server_hooks {
+    /* The head of a request that announces a body has arrived (the body has not been read):
+     * the hook may answer now (404, 405, 413...), and the body is then never read; else
+     * the request hook runs once the body is in. Runs inside MHD_run. Optional. */
+    void (*admit)(void *ud, sse_request *r);
     /* A complete request (headers and body). Runs inside MHD_run: it must answer with
      * sse_request_respond or sse_request_stream; if it does neither the client gets 500. */
     void (*request)(void *ud, sse_request *r);
@@ -42,6 +46,9 @@ typedef struct sse_server_config {
     size_t      max_body;         /* bytes; larger request bodies get 413 */
     size_t      queue_limit;      /* bytes pending on one stream before the client is dropped */
     size_t      conn_memory;      /* libmicrohttpd's memory pool per connection */
+    unsigned    request_timeout_ms;   /* head and body must arrive within this (0: none) */
+    unsigned    keepalive_timeout_ms; /* an idle kept-alive connection is closed after this */
+    unsigned    max_per_ip;       /* connections from one address (0: no limit) */
     const sse_server_hooks *hooks;
     void       *ud;
 } sse_server_config;
@@ -71,13 +78,21 @@ typedef void (*sse_kv_cb)(void *ud, const char *key, const char *value, size_t v
 const char *sse_request_method(const sse_request *r);
 const char *sse_request_path(const sse_request *r);        /* percent-decoded, no query */
 const char *sse_request_body(const sse_request *r, size_t *len);  /* NULL: no body */
+uint64_t    sse_request_body_length(const sse_request *r);  /* announced (Content-Length) */
 const char *sse_request_peer(const sse_request *r);        /* "127.0.0.1:40512" */
 void sse_request_headers(sse_request *r, sse_kv_cb cb, void *ud);
 void sse_request_query(sse_request *r, sse_kv_cb cb, void *ud);
 
-/* A complete response. 0 or -1 (already answered / MHD refused). */
+/* A complete response. 0, or -1 when it cannot be sent (already answered, a status
+ * outside 200-999, a header MHD refuses): the request is then still unanswered. */
 int sse_request_respond(sse_request *r, int status, const sse_header *h, size_t nh,
                         const char *body, size_t len);
+
+/* A response whose body is len bytes of the regular file fd from offset, sent by MHD
+ * from the descriptor (never read into memory here). Takes fd: it is closed when the
+ * response is done, and on failure too. 0 or -1 as sse_request_respond. */
+int sse_request_respond_file(sse_request *r, int status, const sse_header *h, size_t nh,
+                             int fd, uint64_t offset, uint64_t len);
 
 /* Starts a stream: 200 with these headers and a body that stays open. The stream_ready
  * hook runs for it after MHD_run. The binding owns one reference (sse_stream_release).

@@ -22,6 +22,8 @@ local OPTIONS = {
   cors = "string|table", max_connections = "number", max_body = "number",
   queue_limit = "number", log = "function|boolean", connection_memory = "number",
   shutdown_timeout = "number", tls = "table", gzip = "boolean",
+  request_timeout = "number|boolean", keepalive_timeout = "number|boolean",
+  max_connections_per_ip = "number",
 }
 
 local function check_options(opts, allowed, where)
@@ -48,6 +50,16 @@ local function check_retry(v, where)
   end
 end
 
+-- Seconds as the C side's milliseconds: a positive number, or false for none.
+local function timeout_ms(v, name, default)
+  if v == nil then v = default end
+  if v == false then return 0 end
+  if type(v) ~= "number" or v <= 0 or v > 86400 then
+    error("sse.app: option '" .. name .. "' must be a number of seconds (0 to 86400] or false", 3)
+  end
+  return math.max(1, math.floor(v * 1000 + 0.5))
+end
+
 local function has_header(headers, name)
   for k in pairs(headers) do
     if lower(k) == name then
@@ -59,6 +71,64 @@ end
 
 local function default_log(level, msg)
   io.stderr:write(os.date("!%Y-%m-%dT%H:%M:%SZ"), " sse ", level, ": ", msg, "\n")
+end
+
+-- The one logging path: everything the facade logs goes through here (log = false
+-- silences it; a log function that fails is reported on stderr, never raised).
+function App:_log(level, msg)
+  local log = self._logger
+  if log then
+    local ok, err = pcall(log, level, msg)
+    if not ok then
+      io.stderr:write("sse: log function failed: ", tostring(err), "\n")
+    end
+  end
+end
+
+-- Header values as the C side takes them: strings, or lists of strings (one header line
+-- each). Raises with the header's name for anything else.
+local function header_values(headers, where)
+  local out = {}
+  if headers == nil then return out end
+  if type(headers) ~= "table" then
+    error(where .. ": headers must be a table", 0)
+  end
+  for k, v in pairs(headers) do
+    if type(k) ~= "string" or not k:match("^[!#$%%&'*+%-.^_`|~%w]+$") then
+      error(where .. ": invalid header name " .. ("%q"):format(tostring(k)), 0)
+    end
+    local t = type(v)
+    if t == "string" or t == "number" then
+      out[k] = tostring(v)
+    elseif t == "table" then
+      local list = {}
+      for i, item in ipairs(v) do
+        local it = type(item)
+        if it ~= "string" and it ~= "number" then
+          error(where .. ": header '" .. k .. "' lists a " .. it, 0)
+        end
+        list[i] = tostring(item)
+      end
+      out[k] = list
+    else
+      error(where .. ": the value of header '" .. k .. "' is a " .. t, 0)
+    end
+  end
+  return out
+end
+
+-- What libmicrohttpd cannot send, found when a route is defined rather than on every
+-- request to it.
+local function check_static_headers(headers, where)
+  for k, v in pairs(headers) do
+    for _, item in ipairs(type(v) == "table" and v or { v }) do
+      if item == "" then
+        error(where .. ": the value of header '" .. k .. "' is empty", 3)
+      elseif item:find("[\r\n%z]") then
+        error(where .. ": the value of header '" .. k .. "' contains CR, LF or NUL", 3)
+      end
+    end
+  end
 end
 
 -- CORS as the spec and browsers want it: "*" for public streams, or an allow-list
@@ -110,12 +180,16 @@ function M.new(opts)
   if log == nil or log == true then
     log = default_log
   end
-  self._log = log or nil
+  self._logger = log or nil
   -- libmicrohttpd's own messages come as "debug": internal detail, not for the log.
   local function log_hook(level, msg)
-    if self._log and level ~= "debug" then
-      self._log(level, msg)
+    if level ~= "debug" then
+      self:_log(level, msg)
     end
+  end
+  if opts.max_connections_per_ip ~= nil and (math.type(opts.max_connections_per_ip) ~= "integer"
+      or opts.max_connections_per_ip < 1) then
+    error("sse.app: option 'max_connections_per_ip' must be a positive integer", 2)
   end
   self._core = core.server({
     host = self.host,
@@ -124,8 +198,14 @@ function M.new(opts)
     max_body = opts.max_body,
     queue_limit = opts.queue_limit,
     connection_memory = opts.connection_memory,
+    request_timeout_ms = timeout_ms(opts.request_timeout, "request_timeout", 30),
+    keepalive_timeout_ms = timeout_ms(opts.keepalive_timeout, "keepalive_timeout", 5),
+    max_connections_per_ip = opts.max_connections_per_ip,
     dispatch = function(req)
       return self:_dispatch(req)
+    end,
+    admit = function(req)
+      return self:_admit(req)
     end,
     log = log_hook,
   })
@@ -142,7 +222,7 @@ function App:route(method, pattern, handler)
     error("app:route: handler must be a function", 2)
   end
   method = method:upper()
-  self._routes:add(method, pattern, { handler = handler })
+  self._routes:add(method, pattern, { handler = handler, method = method })
   self._methods[method] = true
   return self
 end
@@ -169,8 +249,9 @@ function App:static(prefix, dir)
   end
   prefix = prefix:gsub("/+$", "")
   self._routes:add("GET", prefix .. "/*", {
+    method = "GET",
     handler = function(req)
-      return static.serve(dir, req.params.splat, req.method)
+      return static.serve(dir, req.params.splat, req.method, req.headers)
     end,
   })
   return self
@@ -221,8 +302,11 @@ function App:stream(pattern, source, opts)
   if opts.format ~= nil and opts.format ~= "sse" and opts.format ~= "ndjson" then
     error("app:stream: option 'format' must be \"sse\" or \"ndjson\"", 2)
   end
-  local headers = {}
-  for k, v in pairs(opts.headers or {}) do headers[k] = v end
+  local ok, headers = pcall(header_values, opts.headers, "app:stream")
+  if not ok then
+    error(headers, 2)
+  end
+  check_static_headers(headers, "app:stream")
   if opts.format == "ndjson" and not has_header(headers, "content-type") then
     headers["Content-Type"] = "application/x-ndjson"
   end
@@ -233,6 +317,7 @@ function App:stream(pattern, source, opts)
   local method = (opts.method or "GET"):upper()
   self._methods[method] = true
   self._routes:add(method, pattern, {
+    method = method,
     stream = source,
     heartbeat = heartbeat,
     retry = opts.format ~= "ndjson" and (opts.retry or self._retry) or nil,
@@ -284,8 +369,13 @@ local function add_cors(self, req, headers)
   return headers
 end
 
+local function is_file(v)
+  local mt = getmetatable(v)
+  return type(mt) == "table" and mt.__name == "sse.file"
+end
+
 -- Shapes what a handler returned (body | status, body | status, body, headers) into
--- status, body string or nil, headers.
+-- status, body (a string, an sse.file or nil), headers.
 local function response(self, req, a, b, c)
   local status, body, headers
   if math.type(a) == "integer" then
@@ -293,15 +383,7 @@ local function response(self, req, a, b, c)
   else
     status, body, headers = nil, a, nil
   end
-  local out = {}
-  if headers ~= nil then
-    if type(headers) ~= "table" then
-      error("handler returned headers that are not a table", 0)
-    end
-    for k, v in pairs(headers) do
-      out[k] = tostring(v)
-    end
-  end
+  local out = header_values(headers, "handler returned headers")
   local btype = type(body)
   if btype == "table" then
     body = cjson.encode(body)
@@ -313,12 +395,15 @@ local function response(self, req, a, b, c)
     if not has_header(out, "content-type") then
       out["Content-Type"] = "text/plain; charset=utf-8"
     end
+  elseif btype == "userdata" and is_file(body) then
+    -- passed on untouched: C sends it from its descriptor, never as a Lua string
   elseif body ~= nil then
     error("handler returned a " .. btype .. " body", 0)
   end
   status = status or (body == nil and 204 or 200)
-  if status < 100 or status > 999 then
-    error("handler returned status " .. status, 0)
+  if status < 200 or status > 999 then
+    -- 1xx are the protocol's own (100 Continue, 101 upgrades), never a handler's answer
+    error("handler returned status " .. status .. " (a response status is 200 to 999)", 0)
   end
   return status, body, add_cors(self, req, out)
 end
@@ -362,7 +447,7 @@ end
 local function stream_headers(self, req, route)
   local headers = {}
   for k, v in pairs(route.headers) do
-    headers[k] = tostring(v)
+    headers[k] = v
   end
   return add_cors(self, req, headers)
 end
@@ -370,12 +455,20 @@ end
 local function call_user(self, req, what, fn)
   local ok, a, b, c = xpcall(fn, traceback, req)
   if not ok then
-    if self._log then
-      self._log("error", req.method .. " " .. req.path .. ": " .. what .. ": " .. tostring(a))
-    end
+    self:_log("error", req.method .. " " .. req.path .. ": " .. what .. ": " .. tostring(a))
     return false
   end
   return true, a, b, c
+end
+
+-- A handler's values as a response, or 500 (logged) when they are not one.
+local function user_response(self, req, what, a, b, c)
+  local good, status, body, headers = pcall(response, self, req, a, b, c)
+  if not good then
+    self:_log("error", req.method .. " " .. req.path .. ": " .. what .. ": " .. tostring(status))
+    return plain(self, req, 500, "internal server error\n")
+  end
+  return status, body, headers
 end
 
 -- Methods a server is expected to know (RFC 9110): 404/405 for these; another method
@@ -385,6 +478,42 @@ local STANDARD_METHODS = {
   OPTIONS = true, CONNECT = true, TRACE = true,
 }
 
+-- Methods whose routes take no request body: such a request announcing one is refused
+-- (413) before any of it is read.
+local BODYLESS = { GET = true, HEAD = true, DELETE = true, OPTIONS = true, TRACE = true }
+
+-- The route for req, or nil and the answer when there is none: 501 for a method no route
+-- uses (unless standard), 405 with Allow, 404.
+function App:_find(req)
+  local route, params, allowed = self._routes:match(req.method, req.path)
+  if route then
+    return route, params
+  end
+  if not STANDARD_METHODS[req.method] and not self._methods[req.method] then
+    return nil, plain(self, req, 501, "method not implemented\n")
+  end
+  if allowed and #allowed > 0 then
+    return nil, plain(self, req, 405, "method not allowed\n", { Allow = concat(allowed, ", ") })
+  end
+  return nil, plain(self, req, 404, "not found\n")
+end
+
+-- Called by C when a request announces a body, before any of it is read: answering now
+-- (no route, a route that takes no body) means the body is never read at all.
+function App:_admit(req)
+  if self._cors and req.method == "OPTIONS" then
+    return nil
+  end
+  local route, status, body, headers = self:_find(req)
+  if not route then
+    return status, body, headers
+  end
+  if BODYLESS[route.method] then
+    return plain(self, req, 413, "this route takes no request body\n")
+  end
+  return nil
+end
+
 -- Called by C for every complete request. Returns status, body, headers, or
 -- fn, req, opts to start a stream.
 function App:_dispatch(req)
@@ -393,15 +522,9 @@ function App:_dispatch(req)
   if self._cors and req.method == "OPTIONS" and req.headers["access-control-request-method"] then
     return preflight(self, req)
   end
-  local route, params, allowed = self._routes:match(req.method, req.path)
-  if not route and not STANDARD_METHODS[req.method] and not self._methods[req.method] then
-    return plain(self, req, 501, "method not implemented\n")
-  end
+  local route, params, body, headers = self:_find(req)
   if not route then
-    if allowed and #allowed > 0 then
-      return plain(self, req, 405, "method not allowed\n", { Allow = concat(allowed, ", ") })
-    end
-    return plain(self, req, 404, "not found\n")
+    return params, body, headers   -- the status, body, headers of the refusal
   end
   req.params = params
   for _, fn in ipairs(self._before) do
@@ -410,12 +533,7 @@ function App:_dispatch(req)
       return plain(self, req, 500, "internal server error\n")
     end
     if a ~= nil then
-      local good, status, body, headers = pcall(response, self, req, a, b, c)
-      if not good then
-        self._log("error", req.method .. " " .. req.path .. ": before: " .. tostring(status))
-        return plain(self, req, 500, "internal server error\n")
-      end
-      return status, body, headers
+      return user_response(self, req, "before", a, b, c)
     end
   end
   if route.stream then
@@ -448,14 +566,7 @@ function App:_dispatch(req)
   if not ok then
     return plain(self, req, 500, "internal server error\n")
   end
-  local good, status, body, headers = pcall(response, self, req, a, b, c)
-  if not good then
-    if self._log then
-      self._log("error", req.method .. " " .. req.path .. ": " .. tostring(status))
-    end
-    return plain(self, req, 500, "internal server error\n")
-  end
-  return status, body, headers
+  return user_response(self, req, "handler", a, b, c)
 end
 
 -- ---- the loop ----

@@ -181,7 +181,7 @@ Client.__index = Client
 Client.__name = "spec.client"
 
 local function build_request(app, method, path, opts)
-  local lines = { ("%s %s HTTP/1.1"):format(method, path) }
+  local lines = { ("%s %s HTTP/%s"):format(method, path, opts.version or "1.1") }
   local headers = opts.headers or {}
   local has = {}
   for name in pairs(headers) do has[name:lower()] = true end
@@ -212,8 +212,8 @@ end
 -- Opens a connection and sends one raw HTTP/1.1 request. opts: method (default GET),
 -- headers (name -> value), body, read (false: the client does not read until c:start_reading()),
 -- discard (true: count bytes but keep only the head and the last bytes: for large streams),
--- rcvbuf (SO_RCVBUF before connecting), accept (default "text/event-stream").
--- Returns a client that collects the raw bytes as the app is stepped.
+-- rcvbuf (SO_RCVBUF before connecting), accept (default "text/event-stream"), version
+-- (default "1.1"). Returns a client that collects the raw bytes as the app is stepped.
 function M.connect(app, path, opts)
   opts = opts or {}
   local sock, err = tcp_connect(app, opts)
@@ -223,7 +223,8 @@ function M.connect(app, path, opts)
   local has_accept = false
   for k in pairs(headers) do if k:lower() == "accept" then has_accept = true end end
   if not has_accept and opts.accept ~= false then headers.Accept = opts.accept or "text/event-stream" end
-  local request = build_request(app, opts.method or "GET", path, { headers = headers, body = opts.body })
+  local request = build_request(app, opts.method or "GET", path,
+    { headers = headers, body = opts.body, version = opts.version })
   assert(sock:send(request))
   sock:settimeout(0)
   local c = setmetatable({
