@@ -38,6 +38,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -105,6 +106,9 @@ struct sse_conn {
     uint64_t               deadline;   /* loop clock, ms */
     sse_conn              *prev, *next;
     sse_ip_count          *ip;         /* its address's count, with max_per_ip */
+    sse_watch              hup;        /* EPOLLRDHUP on its socket; fd = -1 when not watched */
+    int                    peer_closed; /* the client has sent its FIN */
+    sse_stream            *stream;     /* the stream it carries, if any */
     int                    decoded_nul; /* the last percent-decoding MHD asked of us made a
                                           NUL; MHD decodes the path last, so at the access
                                           handler this says whether the path has one */
@@ -138,6 +142,8 @@ struct sse_server {
     sse_burst          accept_burst;
     int64_t            mhd_zero_since; /* MHD has asked to run at once since (us), or 0 */
     unsigned           responding;     /* requests answered (not streams), not completed */
+    int                conn_closed;    /* a connection closed during this MHD_run */
+    int                peer_closed;    /* a client without a stream sent its FIN */
 };
 
 struct sse_request {
@@ -174,7 +180,6 @@ struct sse_stream {
     unsigned               want_drain : 1;
     size_t                 low_water;
     int                    fd;          /* the connection's socket (owned by MHD) */
-    sse_watch              hup;         /* fd = -1 when not watched */
     sse_timer              heartbeat;
     unsigned               heartbeat_ms;
     const char            *heartbeat_text;
@@ -297,6 +302,8 @@ static void conn_deadline(sse_conn *c, sse_conn_list *l)
         l->head = c;
     l->tail = c;
     c->list = l;
+    if (c->peer_closed)           /* it half-closed while its request was answered */
+        srv->peer_closed = 1;
     if (l->head == c)
         arm_deadlines(srv);
 }
@@ -394,6 +401,51 @@ static void uncount_ip(sse_conn *c)
     free(c->ip);
 }
 
+static void wake(sse_stream *st);
+
+/* The client sent its FIN (or reset). MHD 0.9.75 does not always see it: when the FIN
+ * comes with the last bytes it reads, it reads less than it asked for, takes the socket
+ * for drained and waits for an edge that never comes, so the connection would sit in
+ * CLOSE-WAIT until its deadline. A stream ends at once; any other connection is looked
+ * at after the next MHD_run (close_half_closed), when MHD has read what was sent. */
+static void on_conn_hangup(sse_watch *w, uint32_t events)
+{
+    sse_conn *c = container_of(w, sse_conn, hup);
+    /* Level-triggered: stop watching at once or this fires every turn. */
+    sse_loop_unwatch(c->srv->loop, &c->hup);
+    c->hup.fd = -1;
+    c->peer_closed = 1;
+    if (c->stream) {
+        c->stream->dead = 1;
+        wake(c->stream);
+    } else {
+        c->srv->peer_closed = 1;
+    }
+}
+
+/* Connections waiting for a request whose client has closed: once MHD has read all
+ * there was, no request can come any more, so shut them down (MHD then sees the
+ * hang-up). One with bytes still unread is looked at again after the next run. */
+static void close_half_closed(sse_server *srv)
+{
+    srv->peer_closed = 0;
+    sse_conn_list *lists[] = { &srv->waiting, &srv->idle };
+    for (int i = 0; i < 2; i++) {
+        for (sse_conn *c = lists[i]->head, *next; c; c = next) {
+            next = c->next;
+            if (!c->peer_closed)
+                continue;
+            int unread = 0;
+            if (ioctl(c->fd, FIONREAD, &unread) == 0 && unread > 0) {
+                srv->peer_closed = 1;
+                continue;
+            }
+            conn_unlist(c);
+            shutdown(c->fd, SHUT_RDWR);
+        }
+    }
+}
+
 static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
                           enum MHD_ConnectionNotificationCode code)
 {
@@ -407,10 +459,17 @@ static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_
         const union MHD_ConnectionInfo *ci =
             MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
         c->fd = ci ? ci->connect_fd : -1;
+        c->hup.fd = c->fd;
+        c->hup.cb = on_conn_hangup;
+        if (c->fd < 0 || sse_loop_watch(srv->loop, &c->hup, EPOLLRDHUP) != 0)
+            c->hup.fd = -1;
         count_ip(c);
         conn_deadline(c, &srv->waiting);
         *socket_context = c;
     } else if (c) {
+        srv->conn_closed = 1;
+        if (c->hup.fd >= 0)       /* before MHD closes the fd: its number will be reused */
+            sse_loop_unwatch(srv->loop, &c->hup);
         conn_unlist(c);
         uncount_ip(c);
         free(c);
@@ -533,9 +592,15 @@ static void drive_mhd(sse_server *srv)
     int more;
     do {
         srv->resume_pending = 0;
+        srv->conn_closed = 0;
         MHD_run(srv->mhd);
         more = mhd_wants_more(srv);
-    } while ((srv->resume_pending || (more && !spinning)) && ++passes < SSE_MHD_PASSES);
+        /* A connection that closed may have brought MHD back under its connection limit
+         * (or out of EMFILE); it puts its listening socket back into its epoll set only at
+         * the start of a run, and its timeout does not say so: without another run now,
+         * new clients would wait in the backlog until something else woke the loop. */
+    } while ((srv->resume_pending || srv->conn_closed || (more && !spinning)) &&
+             ++passes < SSE_MHD_PASSES);
     if (!more)
         srv->mhd_zero_since = 0;
     else if (!srv->mhd_zero_since)
@@ -613,8 +678,13 @@ static ssize_t gzip_take(sse_stream *st, char *buf, size_t max)
 static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
 {
     sse_stream *st = cls;
+    /* A dead stream (client gone, or dropped) ends as a finished one would: the final
+     * chunk then fails to go out (or reaches a client that no longer reads) and MHD
+     * closes the connection from its write path. Ending it with an error here instead
+     * leaves it closed but not cleaned up in MHD 0.9.75 (the reader path skips that),
+     * its descriptor held until every older connection has gone. */
     if (st->dead)
-        return MHD_CONTENT_READER_END_WITH_ERROR;
+        return MHD_CONTENT_READER_END_OF_STREAM;
     ssize_t n = st->gz ? gzip_take(st, buf, max) : (ssize_t)sse_queue_read(&st->q, buf, max);
     if (n < 0)
         return MHD_CONTENT_READER_END_WITH_ERROR;
@@ -636,16 +706,6 @@ static void stream_response_free(void *cls)
     stream_unref(cls);
 }
 
-static void on_hangup(sse_watch *w, uint32_t events)
-{
-    sse_stream *st = container_of(w, sse_stream, hup);
-    /* Level-triggered: stop watching at once or this fires every turn. */
-    sse_loop_unwatch(st->srv->loop, &st->hup);
-    st->hup.fd = -1;
-    st->dead = 1;
-    wake(st);
-}
-
 static void on_heartbeat(sse_timer *t)
 {
     sse_stream *st = container_of(t, sse_stream, heartbeat);
@@ -662,11 +722,6 @@ static void on_heartbeat(sse_timer *t)
 static void stream_completed(sse_stream *st)
 {
     sse_server *srv = st->srv;
-    if (st->hup.fd >= 0) {
-        /* Before MHD closes the fd: its number will be reused. */
-        sse_loop_unwatch(srv->loop, &st->hup);
-        st->hup.fd = -1;
-    }
     sse_timer_stop(srv->loop, &st->heartbeat);
     if (st->prev)
         st->prev->next = st->next;
@@ -927,6 +982,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         return;
     if (r->responding)
         srv->responding--;
+    if (r->c)
+        r->c->stream = NULL;
     if (r->stream)
         stream_completed(r->stream);
     else if (r->c && toe == MHD_REQUEST_TERMINATED_COMPLETED_OK)
@@ -1055,7 +1112,6 @@ sse_stream *sse_request_stream(sse_request *r, const sse_stream_opts *o)
         return NULL;
     st->srv = srv;
     st->refs = 2;
-    st->hup.fd = -1;
     st->fd = -1;
     st->heartbeat_ms = o->heartbeat_ms;
     st->heartbeat_text = o->heartbeat ? o->heartbeat : ":\n\n";
@@ -1093,14 +1149,14 @@ sse_stream *sse_request_stream(sse_request *r, const sse_stream_opts *o)
     request_answered(r, 1);       /* a stream is bounded by its heartbeat, not a deadline */
     r->stream = st;
 
-    const union MHD_ConnectionInfo *ci =
-        MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
-    if (ci) {
-        st->fd = ci->connect_fd;
-        st->hup.fd = ci->connect_fd;
-        st->hup.cb = on_hangup;
-        if (sse_loop_watch(srv->loop, &st->hup, EPOLLRDHUP) != 0)
-            st->hup.fd = -1;
+    /* Hang-ups come through the connection's EPOLLRDHUP watch (on_conn_hangup):
+     * MHD does not read while it sends a body, so alone it would notice a dead client
+     * only when a send fails. */
+    if (r->c) {
+        st->fd = r->c->fd;
+        r->c->stream = st;
+        if (r->c->peer_closed)    /* gone before its stream started */
+            st->dead = 1;
     }
     st->next = srv->streams;
     if (srv->streams)
@@ -1202,10 +1258,11 @@ void sse_stream_abort(sse_stream *st)
         return;
     st->dead = 1;
     sse_queue_clear(&st->q);
-    /* A client that stopped reading blocks MHD in a send, so the reader (which would
-     * return the error) is never called again: shut the socket down instead, and MHD's
-     * next send fails and closes the connection. */
-    if (!st->suspended && st->fd >= 0)
+    /* Shut the socket down: a client that stopped reading blocks MHD in a send, so the
+     * reader is never called again, and MHD's next send fails and closes the connection;
+     * a suspended one is resumed, its reader ends the body, and the final chunk fails to
+     * go out, so the client sees the stream break (and reconnects), not a clean end. */
+    if (st->fd >= 0)
         shutdown(st->fd, SHUT_RDWR);
     wake(st);
 }
@@ -1410,6 +1467,8 @@ void sse_server_run(sse_server *srv)
 {
     if (srv->mhd)
         drive_mhd(srv);
+    if (srv->peer_closed)
+        close_half_closed(srv);
     for (int pass = 0; pass < SSE_DEFER_PASSES && (srv->ready || srv->closed); pass++)
         run_deferred(srv);
     /* Everything written in this turn (handlers, timers, generators) goes in one batch. */
