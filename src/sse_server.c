@@ -22,7 +22,7 @@
  * deadline is shut down. Request heads are checked before any body is read (methods,
  * NUL in the path, framing that could smuggle a request past a proxy), and a request
  * that announces a body is routed first (the admit hook), so bodies nobody wants are
- * never read. See docs/security.md.
+ * never read. README.md, "Security and limits", says what users get.
  */
 #include "sse_server.h"
 #include "sse_buf.h"
