@@ -1029,25 +1029,19 @@ void sse_request_query(sse_request *r, sse_kv_cb cb, void *ud)
     MHD_get_connection_values_n(r->conn, MHD_GET_ARGUMENT_KIND, kv_iter, &ctx);
 }
 
-int sse_request_respond(sse_request *r, int status, const sse_header *h, size_t nh,
-                        const char *body, size_t len)
+/* Sends resp (taken) with headers h as r's answer, or holds it: backpressure on
+ * publishers. A request that queued events for streams while more than SSE_UNSENT_MAX such
+ * requests wait for the next batch is answered only once that batch has gone out. A
+ * publisher can then run at most that far ahead of delivery, so latency stays bounded
+ * while each batch still carries many events. 0, or -1 when MHD refuses. */
+static int answer(sse_request *r, int status, struct MHD_Response *resp,
+                  const sse_header *h, size_t nh)
 {
-    /* 1xx are the protocol's own (100-continue, upgrades), never a final answer. */
-    if (r->answered || status < 200 || status > 999)
-        return -1;
-    struct MHD_Response *resp =
-        MHD_create_response_from_buffer(len, (void *)(body ? body : ""), MHD_RESPMEM_MUST_COPY);
-    if (!resp)
-        return -1;
     if (add_headers(resp, h, nh) != 0) {
         MHD_destroy_response(resp);
         return -1;
     }
     sse_server *srv = r->srv;
-    /* Backpressure on publishers: a request that queued events for streams while more
-     * than SSE_UNSENT_MAX such requests wait for the next batch is answered only once that
-     * batch has gone out. A publisher can then run at most that far ahead of delivery, so
-     * latency stays bounded while each batch still carries many events. */
     if (r->wrote && srv->unsent >= SSE_UNSENT_MAX && srv->current == r) {
         r->held = resp;
         r->held_status = (unsigned)status;
@@ -1065,31 +1059,35 @@ int sse_request_respond(sse_request *r, int status, const sse_header *h, size_t 
     return 0;
 }
 
+/* 1xx are the protocol's own (100-continue, upgrades), never a final answer. */
+static int answerable(const sse_request *r, int status)
+{
+    return !r->answered && status >= 200 && status <= 999;
+}
+
+int sse_request_respond(sse_request *r, int status, const sse_header *h, size_t nh,
+                        const char *body, size_t len)
+{
+    if (!answerable(r, status))
+        return -1;
+    struct MHD_Response *resp =
+        MHD_create_response_from_buffer(len, (void *)(body ? body : ""), MHD_RESPMEM_MUST_COPY);
+    return resp ? answer(r, status, resp, h, nh) : -1;
+}
+
 int sse_request_respond_file(sse_request *r, int status, const sse_header *h, size_t nh,
                              int fd, uint64_t offset, uint64_t len)
 {
-    if (r->answered || status < 200 || status > 999) {
-        close(fd);
-        return -1;
-    }
     /* MHD reads it in blocks of the connection's write buffer as the socket drains (or
      * uses sendfile() once told SIGPIPE is handled, MHD_OPTION_SIGPIPE_HANDLED_BY_APP),
      * so a file of any size costs no memory here. */
-    struct MHD_Response *resp = MHD_create_response_from_fd_at_offset64(len, fd, offset);
+    struct MHD_Response *resp =
+        answerable(r, status) ? MHD_create_response_from_fd_at_offset64(len, fd, offset) : NULL;
     if (!resp) {
         close(fd);
         return -1;
     }
-    if (add_headers(resp, h, nh) != 0) {
-        MHD_destroy_response(resp);   /* closes fd */
-        return -1;
-    }
-    enum MHD_Result ok = MHD_queue_response(r->conn, (unsigned)status, resp);
-    MHD_destroy_response(resp);
-    if (ok != MHD_YES)
-        return -1;
-    request_answered(r, 0);
-    return 0;
+    return answer(r, status, resp, h, nh);   /* the response owns fd now */
 }
 
 static int has_header(const sse_header *h, size_t nh, const char *name)
