@@ -514,7 +514,10 @@ describe("sse.app HTTP server", function()
     local function run_child(script, signal)
       local file = os.tmpname()
       client.write_file(file, script)
-      local lua = ("LUA_PATH=%s LUA_CPATH=%s timeout 10 lua5.4 %s"):format(
+      -- --foreground: timeout passes a signal it gets to the child only; without it, it
+      -- also signals its whole process group, and that second SIGTERM could reach the
+      -- child after app:run had returned and restored the default action (exit 143).
+      local lua = ("LUA_PATH=%s LUA_CPATH=%s timeout --foreground 10 lua5.4 %s"):format(
         client.shell_quote(package.path), client.shell_quote(package.cpath), client.shell_quote(file))
       local cmd
       if signal then
