@@ -12,6 +12,7 @@
 -- HOSTILE_MARGIN=seconds changes the healthy stream's allowed lateness (below);
 -- HOSTILE_GAP_LOG=file appends each check's worst gap to that file.
 local socket = require("socket")
+local client = require("support.client")   -- fd_count, rss_kb
 
 local gettime = socket.gettime
 
@@ -79,16 +80,7 @@ local function cpu_ticks(pid)
   return tonumber(fields[12]) + tonumber(fields[13])
 end
 
-local function fd_count(pid)
-  local n = 0
-  for _ in sh("ls -1 /proc/" .. pid .. "/fd"):gmatch("[^\n]+") do n = n + 1 end
-  return n
-end
-
-local function rss_kb(pid)
-  local status = read_all("/proc/" .. pid .. "/status") or ""
-  return tonumber(status:match("VmRSS:%s*(%d+)"))
-end
+local fd_count, rss_kb = client.fd_count, client.rss_kb
 
 local tmp_dirs = {}
 local function tmpdir()

@@ -5,20 +5,7 @@
 local client = require("support.client")
 local sse = require("sse")
 
--- Descriptors this process has open.
-local function fd_count()
-  local p = io.popen("ls /proc/self/fd | wc -l")
-  local n = tonumber(p:read("a"))
-  p:close()
-  return n
-end
-
-local function rss_kb()
-  for line in io.lines("/proc/self/status") do
-    local kb = line:match("^VmRSS:%s+(%d+)")
-    if kb then return tonumber(kb) end
-  end
-end
+local fd_count, rss_kb = client.fd_count, client.rss_kb
 
 describe("misuse", function()
   after_each(function() client.cleanup() end)

@@ -436,12 +436,7 @@ describe("app:static over HTTP", function()
     return res
   end
 
-  local function open_fds()
-    local p = io.popen("ls /proc/self/fd 2>/dev/null | wc -l")
-    local n = tonumber(p:read("a"))
-    p:close()
-    return n
-  end
+  local open_fds = client.fd_count
 
   before_each(function()
     root = client.tmpdir()
@@ -610,12 +605,7 @@ describe("app:static over HTTP", function()
   it("sends a 1 GiB file from disk: RSS stays flat and a stream keeps its pace", function()
     local big = dir .. "/big.bin"
     assert(os.execute("truncate -s 1G " .. client.shell_quote(big)))
-    local function rss_kb()
-      for line in io.lines("/proc/self/status") do
-        local kb = line:match("^VmRSS:%s+(%d+)")
-        if kb then return tonumber(kb) end
-      end
-    end
+    local rss_kb = client.rss_kb
     app:stream("/tick", function(stream)
       while stream:send("t") do stream:sleep(0.02) end
     end)

@@ -530,6 +530,23 @@ function M.write_file(path, content)
   f:close()
 end
 
+-- Descriptors a process has open (pid: a number, default this process).
+function M.fd_count(pid)
+  local p = io.popen("ls /proc/" .. tostring(pid or "self") .. "/fd 2>/dev/null | wc -l")
+  local n = tonumber(p:read("a"))
+  p:close()
+  return n
+end
+
+-- A process's resident memory in KB (pid: a number, default this process), or nil.
+function M.rss_kb(pid)
+  local f = io.open("/proc/" .. tostring(pid or "self") .. "/status")
+  if not f then return nil end
+  local kb = f:read("a"):match("VmRSS:%s*(%d+)")
+  f:close()
+  return tonumber(kb)
+end
+
 M.gettime = gettime
 M.shell_quote = shell_quote
 
