@@ -56,6 +56,18 @@ else
   cat "$log/bench.out"; echo "bench: tiny run failed"; failed=$((failed + 1))
 fi
 
+# --- Fuzz smoke: each libFuzzer harness (test/fuzz/) for FUZZ_SECONDS (default 20) ---
+# One test per harness: its "fuzz_<h>: ok" line passes, "fuzz_<h>: FINDING" fails; a run
+# with no such line at all (the build failed) counts as one failure.
+bash scripts/fuzz.sh "${FUZZ_SECONDS:-20}" 2>&1 | tee "$log/fuzz"
+fok=$(grep -cE '^fuzz_[a-z]+: ok' "$log/fuzz")
+ffind=$(grep -cE '^fuzz_[a-z]+: FINDING' "$log/fuzz")
+if ((fok + ffind == 0)); then
+  echo "fuzz: no harness ran"; failed=$((failed + 1))
+else
+  passed=$((passed + fok)) failed=$((failed + ffind))
+fi
+
 # --- Browser and Node tests (test/browser/: headless Chromium via playwright-core) ---
 # The spec reporter shows progress; the TAP copy gives the counts. A run that ends
 # without a summary (a crash, or the hard time limit) counts as one failure.
