@@ -2,6 +2,8 @@
  * Channels belong to the server object (freed after its last stream); a channel
  * userdata keeps the server userdata alive through its user value. */
 #include "lsse.h"
+#include "sse_server.h"   /* sse_stream_push: the sinks below are the channels' one
+                              link to the streams */
 
 #include <stdlib.h>
 #include <string.h>
@@ -95,6 +97,18 @@ static int channel_tostring(lua_State *L)
     return 1;
 }
 
+/* A subscriber's sink: the channel's shared chunks go onto its stream's queue, where a
+ * client too slow for queue_limit is dropped (-EPIPE). */
+static int stream_push(void *ctx, sse_chunk *c)
+{
+    return sse_stream_push(ctx, c);
+}
+
+static sse_sink stream_sink(sse_stream *st)
+{
+    return (sse_sink){ stream_push, st };
+}
+
 /* The event a client gets first when events after its id are no longer kept:
  *   event: gap
  *   data: {"channel":"<name>","last_event_id":"<id>"}
@@ -157,6 +171,7 @@ int lsse_stream_subscribe(lua_State *L)
     const char *last = NULL;
     if (lua_toboolean(L, 3))
         last = luaL_checklstring(L, 3, &len);
+    s->sub.sink = stream_sink(s->st);
     unsigned n;
     int missed;
     int rc = subscribe_after(L, &s->sub, c, last, len, &n, &missed);
@@ -186,20 +201,21 @@ void lsse_channel_stream(lua_State *L, sse_request *r, int ch, const sse_stream_
     }
     s->kind = STREAM_CHANNEL;
     s->sub.format = format;
-    s->sub.st = sse_request_stream(r, so);
-    if (!s->sub.st) {
+    sse_stream *st = sse_request_stream(r, so);
+    if (!st) {
         free(s);
         luaL_error(L, "could not start the stream");
         return;
     }
-    sse_stream_set_ud(s->sub.st, s);
-    lsse_write_first(s->sub.st, format, retry);
+    s->sub.sink = stream_sink(st);
+    sse_stream_set_ud(st, s);
+    lsse_write_first(st, format, retry);
     /* From here s belongs to the stream (freed by stream_closed), so a failure just
      * ends the stream cleanly. */
     unsigned n;
     int missed;
     if (subscribe_after(L, &s->sub, c, last_id, len, &n, &missed) < 0)
-        sse_stream_close(s->sub.st);
+        sse_stream_close(st);
     sse_subscriber_flush(&s->sub);
 }
 

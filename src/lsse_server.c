@@ -692,7 +692,6 @@ static int handle_request(lua_State *L)
     if (!s->st)
         return luaL_error(L, "could not start the stream");
     sse_stream_set_ud(s->st, s);
-    s->sub.st = s->st;
     lua_pushvalue(L, -1);
     s->self_ref = lsse_anchor(L, b);
     lsse_write_first(s->st, format, retry);

@@ -112,6 +112,14 @@ static void remember(sse_channel *ch, uint64_t seq, sse_chunk *c, sse_chunk *nd,
     sse_chunk_ref(nd);
 }
 
+/* The result is not looked at: a sink that fails (a subscriber dropped as too slow, or
+ * gone) has dealt with it on its side, and its owner clears the subscription when the
+ * close reaches it; the other subscribers must get the event all the same. */
+static void push(sse_subscriber *sb, sse_chunk *c)
+{
+    (void)sb->sink.push(sb->sink.ctx, c);
+}
+
 static int hold(sse_subscriber *sb, uint64_t seq, sse_chunk *c)
 {
     if (sb->nheld == sb->held_cap) {
@@ -165,7 +173,7 @@ uint64_t sse_channel_publish(sse_channel *ch, const sse_event *ev)
         if (sb->npending)
             hold(sb, seq, mine);
         else
-            sse_stream_push(sb->st, mine);   /* may drop a slow client: that is logged */
+            push(sb, mine);
     }
     sse_chunk_unref(nd);
     sse_chunk_unref(c);
@@ -362,10 +370,10 @@ int sse_subscriber_flush(sse_subscriber *sb)
     qsort(all, k, sizeof *all, by_seq);
     for (unsigned p = 0; p < sb->npending; p++)
         if (sb->pending[p].gap)
-            sse_stream_push(sb->st, sb->pending[p].gap);
+            push(sb, sb->pending[p].gap);
     for (size_t i = 0; i < k; i++)
         if (i == 0 || all[i].seq != all[i - 1].seq)
-            sse_stream_push(sb->st, all[i].chunk);
+            push(sb, all[i].chunk);
     free(all);
     for (unsigned i = 0; i < sb->nheld; i++)
         sse_chunk_unref(sb->held[i].chunk);

@@ -1,12 +1,13 @@
-/* sse_channel: publish/subscribe with replay.
+/* sse_channel: publish/subscribe with replay. Plain C: no Lua, no HTTP.
  *
  * A publish encodes the event once into a reference-counted chunk; every subscriber's
- * queue gets a pointer to that chunk (no copy, no Lua call per subscriber), and the
+ * sink gets a pointer to that chunk (no copy, no Lua call per subscriber), and the
  * channel keeps the last `history` chunks for replay. Every publish takes the next
  * number of an app-wide sequence; an event without an id is sent with the id
  * "<epoch>-<number>" (sse_ids), so one Last-Event-ID resumes any set of channels, and an
- * id from an earlier run of the server (another epoch) is always recognised as one. Each publish is encoded in
- * both stream formats (SSE and NDJSON): once each, whatever the subscribers.
+ * id from an earlier run of the server (another epoch) is always recognised as one.
+ * Each publish is encoded in both stream formats (SSE and NDJSON): once each, whatever
+ * the subscribers.
  *
  * Replay without a seam: a subscription made with a last event id is "pending" until
  * sse_subscriber_flush. Until then live publishes to that subscriber are held; the
@@ -14,7 +15,42 @@
  * pending channel together with the held ones. The binding flushes when the stream's
  * generator yields or returns, so subscribing to several channels in one turn replays
  * them merged in publish order.
- * Plain C, no Lua.
+ *
+ * Resuming from a Last-Event-ID (sse_channel_resume_point) decides, in this order:
+ *   - the id is a kept event's own id (given by the publisher, or ours): replay what
+ *     came after that event;
+ *   - it is "<epoch>-<seq>" with this app's epoch and a seq already issued: replay what
+ *     is kept after seq, with the gap first if an event after seq has been pushed out of
+ *     the history;
+ *   - anything else (another epoch: a run before a restart, whose numbers mean nothing
+ *     now; an id never issued; not of our form): the gap, then everything kept. Without
+ *     a history that is the gap alone: it still tells the client it missed something.
+ * "<epoch>-0" is of this epoch and before everything, so it replays all that is kept,
+ * and with no gap as long as nothing has been pushed out yet.
+ *
+ * Subscribers are sinks (sse_sink), not HTTP streams: the binding gives each subscriber
+ * a function that queues a chunk on its stream, and a test gives one that records. So
+ * this file knows nothing of the server, and everything above can be tested without one.
+ *
+ * The seam for brokers. What is here splits in two. A broker-backed channel (events
+ * shared by several server processes through Redis, NATS, a database...) would replace
+ * the first half and keep the second.
+ *   The backend, which a broker would provide:
+ *     - append: store one event and give it its place in the order, a sequence number
+ *       (an event without an id of its own is sent as "<epoch>-<seq>"), so that every
+ *       process agrees on both (here: ++ids->seq and the history ring);
+ *     - range: the kept events after a given place, oldest first, and whether some after
+ *       it are no longer kept (here: the ring, `dropped`, sse_channel_resume_point);
+ *     - notify: tell this process of each event appended anywhere, so it reaches this
+ *       process's subscribers; and subscribe/unsubscribe to that (here there is one
+ *       process, so publish itself is the notification).
+ *   The core, which stays whatever the backend:
+ *     - encode each event once, into shared chunks in both forms (SSE and NDJSON);
+ *     - fan-out: one chunk pushed to every sink, the form each subscriber asked for;
+ *     - replay without a seam: what the range gave and what was notified meanwhile,
+ *       merged by sequence number, each event once;
+ *     - the gap decision: which ids resume where, and when the client is told it missed
+ *       events (the rules above).
  */
 #ifndef SSE_CHANNEL_H
 #define SSE_CHANNEL_H
@@ -23,7 +59,6 @@
 #include <stdint.h>
 #include "sse_frame.h"
 #include "sse_queue.h"
-#include "sse_server.h"
 
 typedef struct sse_channel sse_channel;
 
@@ -39,6 +74,18 @@ typedef struct sse_ids {
 /* A new epoch: now, or one more than the last one given in this process. */
 uint64_t sse_ids_epoch(void);
 typedef struct sse_sub sse_sub;
+
+/* Where a subscriber's events go. push queues c (it takes its own reference if it keeps
+ * the chunk; the chunk is shared and must not be written) and returns 0, or -EPIPE (the
+ * subscriber is gone or was just dropped as too slow) or -ENOMEM, as sse_stream_push
+ * does. A failure concerns that subscriber alone: the channel goes on to the others and
+ * keeps the subscription, which its owner ends (sse_subscriber_clear) when it learns of
+ * the close its own way. So push must not call back into the channel: it runs in the
+ * middle of a publish, while the channel walks its subscribers. */
+typedef struct sse_sink {
+    int  (*push)(void *ctx, sse_chunk *c);
+    void  *ctx;
+} sse_sink;
 
 typedef struct sse_held {
     uint64_t   seq;
@@ -57,9 +104,10 @@ typedef struct sse_pending {
 } sse_pending;
 
 /* One per stream: its subscriptions and its replay state. Embedded in the binding's
- * stream object; zero-initialised is valid. */
+ * stream object; zero-initialised is valid, with the sink set before the first
+ * subscription. */
 typedef struct sse_subscriber {
-    sse_stream  *st;
+    sse_sink     sink;
     int          format;     /* SSE_FORMAT_* */
     sse_sub     *subs;       /* this stream's subscriptions */
     sse_pending *pending;    /* replays to send at the next flush */
