@@ -1,8 +1,9 @@
 /* sse_server: libmicrohttpd in external-epoll mode with suspend/resume.
  *
- * Life of a stream: the access handler answers with a callback response whose reader
- * copies queued bytes; with nothing queued the reader suspends the connection, and the
- * next write resumes it. MHD_run is called again after resumes: MHD 0.9.75's
+ * The libmicrohttpd adapter. A stream (sse_stream.c: its queue, heartbeat, gzip and
+ * states) is answered with a callback response whose reader takes the stream's queued
+ * bytes; with nothing queued the reader suspends the connection, and the next write
+ * lists it for a resume. MHD_run is called again after resumes: MHD 0.9.75's
  * MHD_get_timeout ignores pending resumes (docs/libmicrohttpd.md, "The loop").
  * Hang-ups are seen through our own EPOLLRDHUP watch on each stream's socket, because
  * MHD does not read while it sends a body. Lua never runs inside the reader: hooks
@@ -26,7 +27,6 @@
  */
 #include "sse_server.h"
 #include "sse_buf.h"
-#include "sse_gzip.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -57,10 +57,10 @@
  * limit; 2 ms gave 4x the deliveries per second at a fifth of the CPU per delivery with
  * the latency of unbatched sends. */
 #define SSE_BATCH_WAIT_MAX_US 2000
-/* Requests that queued events (publishes) allowed ahead of the next batch; see
- * sse_request_respond. Measured on fan-out to 1,000 and 100 subscribers (bench/): with
+/* Publishing requests (they queued events) allowed ahead of the next batch; see
+ * answer_or_hold. Measured on fan-out to 1,000 and 100 subscribers (bench/): with
  * 32, 1.1M deliveries/s, p99 13 ms; 8: 1.65M/s, p99 8-9 ms; 4: 1.0M/s, p99 7-8 ms. */
-#define SSE_UNSENT_MAX 8
+#define SSE_PUBLISHERS_AHEAD_MAX 8
 
 /* How often a burst of the same refusal (per-address limit, descriptor limit) is logged. */
 #define SSE_BURST_LOG_MS 10000
@@ -123,17 +123,13 @@ struct sse_server {
     int                port;
     sse_watch          mhd_watch;      /* MHD's own epoll fd, nested in ours */
     int                resume_pending; /* a resume since the last MHD_run */
-    sse_stream        *to_resume;      /* suspended streams with something new to send */
+    sse_streams        streams;        /* every stream, and their lists */
     sse_request       *current;        /* the request whose hook is running, or NULL */
-    sse_request       *held;           /* answers held until the next batch has gone out */
-    unsigned           unsent;         /* requests that wrote to streams since the last batch */
+    sse_request       *answers_held;   /* publishers' answers, held until the next batch */
+    unsigned           publishers;     /* requests that queued events since the last batch */
     int64_t            resume_at;      /* the next batch of resumes not before (us) */
     int                shutting_down;
     char               tls_error[256]; /* MHD's last message while starting */
-    sse_gzip_twins    *twins;          /* compresses shared chunks for gzip streams */
-    sse_stream        *streams;        /* streams whose connection is alive */
-    sse_stream        *ready;          /* deferred stream_ready hooks */
-    sse_stream        *closed;         /* deferred stream_closed hooks */
     sse_conn_list      waiting;        /* request head or body still to come */
     sse_conn_list      idle;           /* kept alive, between requests */
     sse_timer          deadlines;      /* fires at the earliest deadline of both lists */
@@ -156,41 +152,12 @@ struct sse_request {
     int                    too_large;
     int                    answered;
     int                    responding;  /* counted in srv->responding */
-    int                    wrote;       /* its hook queued bytes on streams (a publish) */
     unsigned               held_status;
-    struct MHD_Response   *held;        /* its answer, held by backpressure */
+    struct MHD_Response   *held_answer; /* held by publisher backpressure (answer_or_hold) */
     sse_request           *held_next;
     sse_stream            *stream;
     sse_conn              *c;
     uint64_t               body_length; /* announced by Content-Length */
-    char                   peer[INET6_ADDRSTRLEN + 8];
-};
-
-struct sse_stream {
-    sse_server            *srv;
-    struct MHD_Connection *conn;        /* NULL once MHD has completed the response */
-    int                    refs;        /* the response's and the binding's */
-    sse_queue              q;
-    unsigned               suspended : 1; /* we suspended it and have not resumed it */
-    unsigned               closing : 1;   /* end with the final chunk once drained */
-    unsigned               dead : 1;      /* client gone or dropped: end with an error */
-    unsigned               completed : 1; /* MHD is done with the connection */
-    unsigned               in_ready : 1;
-    unsigned               in_resume : 1;  /* on srv->to_resume */
-    unsigned               want_drain : 1;
-    size_t                 low_water;
-    int                    fd;          /* the connection's socket (owned by MHD) */
-    sse_timer              heartbeat;
-    unsigned               heartbeat_ms;
-    const char            *heartbeat_text;
-    sse_gzip              *gz;          /* NULL: the body is not compressed */
-    int                    gz_finished; /* the gzip trailer is out */
-    uint64_t               last_write;
-    sse_stream            *prev, *next; /* srv->streams */
-    sse_stream            *ready_next;
-    sse_stream            *resume_next;
-    sse_stream            *closed_next;
-    void                  *ud;
     char                   peer[INET6_ADDRSTRLEN + 8];
 };
 
@@ -401,8 +368,6 @@ static void uncount_ip(sse_conn *c)
     free(c->ip);
 }
 
-static void wake(sse_stream *st);
-
 /* The client sent its FIN (or reset). MHD 0.9.75 does not always see it: when the FIN
  * comes with the last bytes it reads, it reads less than it asked for, takes the socket
  * for drained and waits for an edge that never comes, so the connection would sit in
@@ -416,8 +381,7 @@ static void on_conn_hangup(sse_watch *w, uint32_t events)
     c->hup.fd = -1;
     c->peer_closed = 1;
     if (c->stream) {
-        c->stream->dead = 1;
-        wake(c->stream);
+        sse_stream_hangup(c->stream);
     } else {
         c->srv->peer_closed = 1;
     }
@@ -495,78 +459,13 @@ static size_t on_unescape(void *cls, struct MHD_Connection *conn, char *s)
     return n;
 }
 
-/* ---- deferred hooks ---- */
-
-static void defer_ready(sse_stream *st)
-{
-    if (st->in_ready || st->completed)
-        return;
-    st->in_ready = 1;
-    st->refs++;
-    st->ready_next = st->srv->ready;
-    st->srv->ready = st;
-}
-
-static void stream_unref(sse_stream *st)
-{
-    if (--st->refs > 0)
-        return;
-    sse_queue_clear(&st->q);
-    sse_gzip_free(st->gz);
-    free(st);
-}
-
-static void run_deferred(sse_server *srv)
-{
-    /* Detach each list first: hooks may add to them; those wait for the next pass. */
-    sse_stream *st = srv->ready;
-    srv->ready = NULL;
-    while (st) {
-        sse_stream *next = st->ready_next;
-        st->in_ready = 0;
-        if (!st->completed)
-            srv->cfg.hooks->stream_ready(srv->cfg.ud, st);
-        stream_unref(st);
-        st = next;
-    }
-    st = srv->closed;
-    srv->closed = NULL;
-    while (st) {
-        sse_stream *next = st->closed_next;
-        srv->cfg.hooks->stream_closed(srv->cfg.ud, st);
-        stream_unref(st);
-        st = next;
-    }
-}
-
 /* ---- suspend / resume ---- */
 
-/* Something new for the client: a suspended stream goes on the list of the next batch. */
-static void wake(sse_stream *st)
+static void resume_stream(void *conn, void *ctx)
 {
-    if (st->suspended && st->conn && !st->in_resume) {
-        st->in_resume = 1;
-        st->refs++;
-        st->resume_next = st->srv->to_resume;
-        st->srv->to_resume = st;
-    }
-}
-
-static void resume_listed(sse_server *srv)
-{
-    sse_stream *st = srv->to_resume;
-    srv->to_resume = NULL;
-    while (st) {
-        sse_stream *next = st->resume_next;
-        st->in_resume = 0;
-        if (st->suspended && st->conn) {
-            st->suspended = 0;
-            MHD_resume_connection(st->conn);
-            srv->resume_pending = 1;
-        }
-        stream_unref(st);
-        st = next;
-    }
+    sse_server *srv = ctx;
+    MHD_resume_connection(conn);
+    srv->resume_pending = 1;
 }
 
 /* Is MHD asking to be run again at once? After a resume it calls the reader in one
@@ -608,136 +507,53 @@ static void drive_mhd(sse_server *srv)
 }
 
 /* The batch went out: answer the requests held back (their next MHD_run does it). */
-static void release_held(sse_server *srv)
+static void release_answers(sse_server *srv)
 {
-    srv->unsent = 0;
-    for (sse_request *r = srv->held; r; r = r->held_next) {
+    srv->publishers = 0;
+    for (sse_request *r = srv->answers_held; r; r = r->held_next) {
         MHD_resume_connection(r->conn);
         srv->resume_pending = 1;
     }
-    srv->held = NULL;
+    srv->answers_held = NULL;
 }
 
 /* Resumes and sends the listed streams, if the pacing allows it now. */
 static void send_batch(sse_server *srv)
 {
-    if ((!srv->to_resume && !srv->held) || !srv->mhd)
+    if ((!srv->streams.to_resume && !srv->answers_held) || !srv->mhd)
         return;
     int64_t start = sse_loop_now_us();
     if (start < srv->resume_at && !srv->shutting_down)
         return;
-    resume_listed(srv);
+    sse_streams_resume(&srv->streams, resume_stream, srv);
     drive_mhd(srv);
-    release_held(srv);
+    release_answers(srv);
     int64_t end = sse_loop_now_us();
     int64_t d = end - start;
     srv->resume_at = end + (d < SSE_BATCH_WAIT_MAX_US ? d : SSE_BATCH_WAIT_MAX_US);
 }
 
-static void after_read(sse_stream *st)
-{
-    if (st->want_drain && st->q.bytes <= st->low_water) {
-        st->want_drain = 0;
-        defer_ready(st);
-    }
-}
-
-/* What a gzip stream has for the client now: what is queued, compressed (shared
- * chunks' twins spliced in), sync-flushed once per call so every event is readable on
- * arrival; and the gzip trailer once the stream is ending. Count, or -1 on error. */
-static ssize_t gzip_take(sse_stream *st, char *buf, size_t max)
-{
-    sse_gzip *g = st->gz;
-    while (sse_gzip_pending(g) < max) {
-        size_t off;
-        sse_chunk *c = sse_queue_peek(&st->q, &off);
-        if (!c)
-            break;
-        int rc;
-        if (c->frozen && off == 0 && c->len >= SSE_GZIP_SPLICE_MIN) {
-            if (!st->srv->twins && !(st->srv->twins = sse_gzip_twins_new()))
-                return -1;
-            rc = sse_gzip_splice(g, st->srv->twins, c);
-        } else {
-            rc = sse_gzip_write(g, c->data + off, c->len - off);
-        }
-        if (rc != 0)
-            return -1;
-        sse_queue_pop(&st->q);
-    }
-    if (sse_gzip_flush(g) != 0)
-        return -1;
-    if (!sse_gzip_pending(g) && (st->closing || st->srv->shutting_down) && !st->gz_finished) {
-        st->gz_finished = 1;
-        if (sse_gzip_finish(g) != 0)
-            return -1;
-    }
-    return (ssize_t)sse_gzip_read(g, buf, max);
-}
-
+/* libmicrohttpd's reader: the stream's bytes, or suspend until there are some. */
 static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
 {
     sse_stream *st = cls;
-    /* A dead stream (client gone, or dropped) ends as a finished one would: the final
-     * chunk then fails to go out (or reaches a client that no longer reads) and MHD
-     * closes the connection from its write path. Ending it with an error here instead
-     * leaves it closed but not cleaned up in MHD 0.9.75 (the reader path skips that),
-     * its descriptor held until every older connection has gone. */
-    if (st->dead)
+    ssize_t n = sse_stream_take(st, buf, max);
+    if (n == SSE_TAKE_END)
         return MHD_CONTENT_READER_END_OF_STREAM;
-    ssize_t n = st->gz ? gzip_take(st, buf, max) : (ssize_t)sse_queue_read(&st->q, buf, max);
-    if (n < 0)
+    if (n == SSE_TAKE_ERROR)
         return MHD_CONTENT_READER_END_WITH_ERROR;
-    if (n > 0) {
-        /* Return data without suspending: suspending now would hold these bytes
-         * back until the next resume. */
-        after_read(st);
-        return n;
+    if (n == 0) {
+        /* Only when returning nothing: suspending while returning data would hold that
+         * data back until the next resume. */
+        MHD_suspend_connection(sse_stream_conn(st));
+        sse_stream_suspended(st);
     }
-    if (st->closing || st->srv->shutting_down)
-        return MHD_CONTENT_READER_END_OF_STREAM;
-    MHD_suspend_connection(st->conn);
-    st->suspended = 1;
-    return 0;
+    return n;
 }
 
 static void stream_response_free(void *cls)
 {
-    stream_unref(cls);
-}
-
-static void on_heartbeat(sse_timer *t)
-{
-    sse_stream *st = container_of(t, sse_stream, heartbeat);
-    uint64_t now = sse_loop_now(st->srv->loop);
-    uint64_t idle = now - st->last_write;
-    if (idle >= st->heartbeat_ms) {
-        sse_stream_write(st, st->heartbeat_text, strlen(st->heartbeat_text));
-        idle = 0;
-    }
-    if (sse_stream_open(st))
-        sse_timer_start(st->srv->loop, &st->heartbeat, st->heartbeat_ms - idle, 0);
-}
-
-static void stream_completed(sse_stream *st)
-{
-    sse_server *srv = st->srv;
-    sse_timer_stop(srv->loop, &st->heartbeat);
-    if (st->prev)
-        st->prev->next = st->next;
-    else
-        srv->streams = st->next;
-    if (st->next)
-        st->next->prev = st->prev;
-    st->prev = st->next = NULL;
-    st->conn = NULL;
-    st->fd = -1;
-    st->completed = 1;
-    st->suspended = 0;
-    sse_queue_clear(&st->q);
-    st->refs++;
-    st->closed_next = srv->closed;
-    srv->closed = st;
+    sse_stream_response_done(cls);
 }
 
 /* ---- requests ---- */
@@ -951,10 +767,10 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const c
         *upload_size = 0;
         return MHD_YES;
     }
-    if (r->held) {               /* resumed after the batch: answer now */
-        MHD_queue_response(conn, r->held_status, r->held);
-        MHD_destroy_response(r->held);
-        r->held = NULL;
+    if (r->held_answer) {        /* resumed after the batch: answer now */
+        MHD_queue_response(conn, r->held_status, r->held_answer);
+        MHD_destroy_response(r->held_answer);
+        r->held_answer = NULL;
         return MHD_YES;
     }
     if (r->answered)
@@ -964,10 +780,11 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const c
         return MHD_YES;
     }
     srv->current = r;
+    srv->streams.wrote = 0;
     srv->cfg.hooks->request(srv->cfg.ud, r);
     srv->current = NULL;
-    if (r->wrote)
-        srv->unsent++;
+    if (srv->streams.wrote)      /* it published: counted until the next batch */
+        srv->publishers++;
     if (!r->answered && queue_plain(r, 500, "internal server error\n") != 0)
         return MHD_NO;           /* not even that: MHD closes the connection */
     return MHD_YES;
@@ -985,11 +802,11 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     if (r->c)
         r->c->stream = NULL;
     if (r->stream)
-        stream_completed(r->stream);
+        sse_stream_completed(r->stream);
     else if (r->c && toe == MHD_REQUEST_TERMINATED_COMPLETED_OK)
         conn_deadline(r->c, &srv->idle);   /* may be kept alive: idle until the next */
-    if (r->held)
-        MHD_destroy_response(r->held);
+    if (r->held_answer)
+        MHD_destroy_response(r->held_answer);
     sse_buf_free(&r->body);
     free(r);
     *con_cls = NULL;
@@ -1030,23 +847,24 @@ void sse_request_query(sse_request *r, sse_kv_cb cb, void *ud)
 }
 
 /* Sends resp (taken) with headers h as r's answer, or holds it: backpressure on
- * publishers. A request that queued events for streams while more than SSE_UNSENT_MAX such
- * requests wait for the next batch is answered only once that batch has gone out. A
- * publisher can then run at most that far ahead of delivery, so latency stays bounded
- * while each batch still carries many events. 0, or -1 when MHD refuses. */
-static int answer(sse_request *r, int status, struct MHD_Response *resp,
-                  const sse_header *h, size_t nh)
+ * publishers. A request that queued events for streams while SSE_PUBLISHERS_AHEAD_MAX
+ * such requests already wait for the next batch is answered only once that batch has
+ * gone out (its connection suspended meanwhile). A publisher can then run at most that
+ * far ahead of delivery, so latency stays bounded while each batch still carries many
+ * events. 0, or -1 when MHD refuses. */
+static int answer_or_hold(sse_request *r, int status, struct MHD_Response *resp,
+                          const sse_header *h, size_t nh)
 {
     if (add_headers(resp, h, nh) != 0) {
         MHD_destroy_response(resp);
         return -1;
     }
     sse_server *srv = r->srv;
-    if (r->wrote && srv->unsent >= SSE_UNSENT_MAX && srv->current == r) {
-        r->held = resp;
+    if (srv->current == r && srv->streams.wrote && srv->publishers >= SSE_PUBLISHERS_AHEAD_MAX) {
+        r->held_answer = resp;
         r->held_status = (unsigned)status;
-        r->held_next = srv->held;
-        srv->held = r;
+        r->held_next = srv->answers_held;
+        srv->answers_held = r;
         MHD_suspend_connection(r->conn);
         request_answered(r, 0);
         return 0;
@@ -1072,7 +890,7 @@ int sse_request_respond(sse_request *r, int status, const sse_header *h, size_t 
         return -1;
     struct MHD_Response *resp =
         MHD_create_response_from_buffer(len, (void *)(body ? body : ""), MHD_RESPMEM_MUST_COPY);
-    return resp ? answer(r, status, resp, h, nh) : -1;
+    return resp ? answer_or_hold(r, status, resp, h, nh) : -1;
 }
 
 int sse_request_respond_file(sse_request *r, int status, const sse_header *h, size_t nh,
@@ -1087,7 +905,7 @@ int sse_request_respond_file(sse_request *r, int status, const sse_header *h, si
         close(fd);
         return -1;
     }
-    return answer(r, status, resp, h, nh);   /* the response owns fd now */
+    return answer_or_hold(r, status, resp, h, nh);   /* the response owns fd now */
 }
 
 static int has_header(const sse_header *h, size_t nh, const char *name)
@@ -1105,27 +923,14 @@ sse_stream *sse_request_stream(sse_request *r, const sse_stream_opts *o)
     sse_server *srv = r->srv;
     if (r->answered)
         return NULL;
-    sse_stream *st = calloc(1, sizeof *st);
+    sse_stream *st = sse_stream_new(&srv->streams, o->heartbeat_ms, o->heartbeat, o->gzip, r->peer);
     if (!st)
         return NULL;
-    st->srv = srv;
-    st->refs = 2;
-    st->fd = -1;
-    st->heartbeat_ms = o->heartbeat_ms;
-    st->heartbeat_text = o->heartbeat ? o->heartbeat : ":\n\n";
-    if (o->gzip && !(st->gz = sse_gzip_new())) {
-        free(st);
-        return NULL;
-    }
-    st->last_write = sse_loop_now(srv->loop);
-    sse_timer_init(&st->heartbeat, on_heartbeat);
-    memcpy(st->peer, r->peer, sizeof st->peer);
-
     struct MHD_Response *resp = MHD_create_response_from_callback(
         MHD_SIZE_UNKNOWN, SSE_STREAM_BLOCK, stream_reader, st, stream_response_free);
     if (!resp) {
-        sse_gzip_free(st->gz);
-        free(st);
+        sse_stream_response_done(st);
+        sse_stream_release(st);
         return NULL;
     }
     int bad = add_headers(resp, h, nh);
@@ -1137,138 +942,20 @@ sse_stream *sse_request_stream(sse_request *r, const sse_stream_opts *o)
     if (!bad)
         bad = MHD_add_response_header(resp, "X-Accel-Buffering", "no") != MHD_YES;
     enum MHD_Result ok = bad ? MHD_NO : MHD_queue_response(r->conn, MHD_HTTP_OK, resp);
-    st->conn = r->conn;
     MHD_destroy_response(resp);   /* runs stream_response_free now if not queued */
     if (ok != MHD_YES) {
-        st->conn = NULL;
-        stream_unref(st);         /* the binding's reference: nobody else has it */
+        sse_stream_release(st);   /* the binding's reference: nobody else has it */
         return NULL;              /* still unanswered: the caller's fallback answers */
     }
     request_answered(r, 1);       /* a stream is bounded by its heartbeat, not a deadline */
     r->stream = st;
-
     /* Hang-ups come through the connection's EPOLLRDHUP watch (on_conn_hangup):
      * MHD does not read while it sends a body, so alone it would notice a dead client
      * only when a send fails. */
-    if (r->c) {
-        st->fd = r->c->fd;
+    if (r->c)
         r->c->stream = st;
-        if (r->c->peer_closed)    /* gone before its stream started */
-            st->dead = 1;
-    }
-    st->next = srv->streams;
-    if (srv->streams)
-        srv->streams->prev = st;
-    srv->streams = st;
-    if (o->heartbeat_ms)
-        sse_timer_start(srv->loop, &st->heartbeat, o->heartbeat_ms, 0);
-    defer_ready(st);
+    sse_stream_started(st, r->conn, r->c ? r->c->fd : -1, r->c && r->c->peer_closed);
     return st;
-}
-
-/* ---- streams ---- */
-
-static int accepts(const sse_stream *st)
-{
-    return !st->completed && !st->dead && !st->closing;
-}
-
-int sse_stream_open(const sse_stream *st) { return accepts(st); }
-size_t sse_stream_pending(const sse_stream *st) { return st->q.bytes; }
-const char *sse_stream_peer(const sse_stream *st) { return st->peer; }
-void *sse_stream_ud(const sse_stream *st) { return st->ud; }
-void sse_stream_set_ud(sse_stream *st, void *ud) { st->ud = ud; }
-
-static void drop(sse_stream *st)
-{
-    slog(st->srv, SSE_LOG_WARN,
-         "dropped slow client %s: %zu bytes pending (queue_limit %zu)",
-         st->peer, st->q.bytes, st->srv->cfg.queue_limit);
-    sse_stream_abort(st);
-}
-
-static int after_write(sse_stream *st)
-{
-    if (st->srv->current)
-        st->srv->current->wrote = 1;
-    st->last_write = sse_loop_now(st->srv->loop);
-    if (st->q.bytes > st->srv->cfg.queue_limit) {
-        drop(st);
-        return -EPIPE;
-    }
-    wake(st);
-    return 0;
-}
-
-char *sse_stream_reserve(sse_stream *st, size_t n)
-{
-    return accepts(st) ? sse_queue_reserve(&st->q, n) : NULL;
-}
-
-int sse_stream_commit(sse_stream *st, size_t n)
-{
-    sse_queue_commit(&st->q, n);
-    return after_write(st);
-}
-
-int sse_stream_write(sse_stream *st, const char *p, size_t n)
-{
-    if (!accepts(st))
-        return -EPIPE;
-    char *dst = sse_queue_reserve(&st->q, n);
-    if (!dst)
-        return -ENOMEM;
-    memcpy(dst, p, n);
-    return sse_stream_commit(st, n);
-}
-
-int sse_stream_push(sse_stream *st, sse_chunk *c)
-{
-    if (!accepts(st))
-        return -EPIPE;
-    if (sse_queue_push(&st->q, c) != 0)
-        return -ENOMEM;
-    return after_write(st);
-}
-
-void sse_stream_want_drain(sse_stream *st, size_t low_water)
-{
-    st->low_water = low_water;
-    if (st->q.bytes <= low_water) {
-        st->want_drain = 0;
-        defer_ready(st);
-    } else {
-        st->want_drain = 1;
-    }
-}
-
-void sse_stream_close(sse_stream *st)
-{
-    if (st->completed)
-        return;
-    st->closing = 1;
-    wake(st);
-}
-
-void sse_stream_abort(sse_stream *st)
-{
-    if (st->completed)
-        return;
-    st->dead = 1;
-    sse_queue_clear(&st->q);
-    /* Shut the socket down: a client that stopped reading blocks MHD in a send, so the
-     * reader is never called again, and MHD's next send fails and closes the connection;
-     * a suspended one is resumed, its reader ends the body, and the final chunk fails to
-     * go out, so the client sees the stream break (and reconnects), not a clean end. */
-    if (st->fd >= 0)
-        shutdown(st->fd, SHUT_RDWR);
-    wake(st);
-}
-
-void sse_stream_release(sse_stream *st)
-{
-    st->ud = NULL;
-    stream_unref(st);
 }
 
 /* ---- the daemon ---- */
@@ -1284,6 +971,13 @@ sse_server *sse_server_new(sse_loop *loop, const sse_server_config *cfg)
     srv->cfg.host = srv->host;
     srv->listen_fd = -1;
     srv->mhd_watch.fd = -1;
+    sse_stream_hooks sh = {
+        .ready = cfg->hooks->stream_ready,
+        .closed = cfg->hooks->stream_closed,
+        .log = cfg->hooks->log,
+        .ud = cfg->ud,
+    };
+    sse_streams_init(&srv->streams, loop, &sh, cfg->queue_limit);
     srv->waiting.timeout_ms = cfg->request_timeout_ms;
     srv->idle.timeout_ms = cfg->keepalive_timeout_ms;
     sse_timer_init(&srv->deadlines, on_deadlines);
@@ -1438,12 +1132,12 @@ unsigned sse_server_connections(const sse_server *srv)
 
 int64_t sse_server_timeout(const sse_server *srv)
 {
-    if (srv->ready || srv->closed || srv->resume_pending)
+    if (sse_streams_deferred(&srv->streams) || srv->resume_pending)
         return 0;
     if (!srv->mhd)
         return -1;
     int64_t t = -1;
-    if (srv->to_resume || srv->held) {
+    if (srv->streams.to_resume || srv->answers_held) {
         t = srv->resume_at - sse_loop_now_us();
         if (t <= 0)
             return 0;
@@ -1467,8 +1161,7 @@ void sse_server_run(sse_server *srv)
         drive_mhd(srv);
     if (srv->peer_closed)
         close_half_closed(srv);
-    for (int pass = 0; pass < SSE_DEFER_PASSES && (srv->ready || srv->closed); pass++)
-        run_deferred(srv);
+    sse_streams_run_deferred(&srv->streams, SSE_DEFER_PASSES);
     /* Everything written in this turn (handlers, timers, generators) goes in one batch. */
     send_batch(srv);
 }
@@ -1480,14 +1173,11 @@ void sse_server_shutdown(sse_server *srv, unsigned drain_ms)
     srv->shutting_down = 1;
     /* Stop accepting; the listening socket is ours to close once MHD is stopped. */
     MHD_quiesce_daemon(srv->mhd);
-    for (sse_stream *st = srv->streams; st; st = st->next) {
-        st->closing = 1;
-        wake(st);
-    }
+    sse_streams_end_all(&srv->streams);
     sse_loop_now_update(srv->loop);
     uint64_t deadline = sse_loop_now(srv->loop) + drain_ms;
     sse_server_run(srv);
-    while (srv->streams && sse_loop_now(srv->loop) < deadline) {
+    while (srv->streams.live && sse_loop_now(srv->loop) < deadline) {
         int64_t wait = (int64_t)(deadline - sse_loop_now(srv->loop)) * 1000;
         int64_t t = sse_server_timeout(srv);
         if (t >= 0 && t < wait)
@@ -1496,11 +1186,10 @@ void sse_server_shutdown(sse_server *srv, unsigned drain_ms)
         sse_server_run(srv);
     }
     /* MHD aborts if stopped with a suspended connection. */
-    for (sse_stream *st = srv->streams; st; st = st->next)
-        wake(st);
-    resume_listed(srv);
-    release_held(srv);
-    if (srv->streams)
+    sse_streams_wake_all(&srv->streams);
+    sse_streams_resume(&srv->streams, resume_stream, srv);
+    release_answers(srv);
+    if (srv->streams.live)
         slog(srv, SSE_LOG_WARN, "shutdown: closing streams that did not drain in %u ms", drain_ms);
     sse_loop_unwatch(srv->loop, &srv->mhd_watch);
     srv->mhd_watch.fd = -1;
@@ -1509,10 +1198,9 @@ void sse_server_shutdown(sse_server *srv, unsigned drain_ms)
     close(srv->listen_fd);
     srv->listen_fd = -1;
     srv->resume_pending = 0;
-    while (srv->ready || srv->closed)
-        run_deferred(srv);
-    sse_gzip_twins_free(srv->twins);
-    srv->twins = NULL;
+    while (sse_streams_deferred(&srv->streams))
+        sse_streams_run_deferred(&srv->streams, 1);
+    sse_streams_free(&srv->streams);
     sse_timer_stop(srv->loop, &srv->deadlines);
     free(srv->ips);               /* every count went with its connection */
     srv->ips = NULL;

@@ -8,19 +8,19 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include "sse_log.h"
 #include "sse_loop.h"
 #include "sse_queue.h"
+#include "sse_stream.h"
 
 typedef struct sse_server  sse_server;
 typedef struct sse_request sse_request;
-typedef struct sse_stream  sse_stream;
 
 typedef struct sse_header {
     const char *name;
     const char *value;
 } sse_header;
 
-enum { SSE_LOG_ERROR = 0, SSE_LOG_WARN = 1, SSE_LOG_INFO = 2, SSE_LOG_DEBUG = 3 };
 
 typedef struct sse_server_hooks {
     /* The head of a request that announces a body has arrived (the body has not been read):
@@ -94,9 +94,9 @@ int sse_request_respond(sse_request *r, int status, const sse_header *h, size_t 
 int sse_request_respond_file(sse_request *r, int status, const sse_header *h, size_t nh,
                              int fd, uint64_t offset, uint64_t len);
 
-/* Starts a stream: 200 with these headers and a body that stays open. The stream_ready
- * hook runs for it after MHD_run. The binding owns one reference (sse_stream_release).
- * NULL on failure. */
+/* Starts a stream (sse_stream.h): 200 with these headers and a body that stays open.
+ * The stream_ready hook runs for it after MHD_run. The binding owns one reference
+ * (sse_stream_release). NULL on failure (the request is then still unanswered). */
 typedef struct sse_stream_opts {
     const sse_header *headers;
     size_t            nheaders;
@@ -106,27 +106,5 @@ typedef struct sse_stream_opts {
                                         and sends Content-Encoding) */
 } sse_stream_opts;
 sse_stream *sse_request_stream(sse_request *r, const sse_stream_opts *o);
-
-/* --- streams --- */
-/* Queue bytes: 0, -EPIPE when the stream is closed (or is dropped now because its
- * pending bytes passed queue_limit), -ENOMEM. */
-int    sse_stream_write(sse_stream *st, const char *p, size_t n);
-/* Write in place: reserve n bytes (NULL: closed or ENOMEM), fill them, then commit. */
-char  *sse_stream_reserve(sse_stream *st, size_t n);
-int    sse_stream_commit(sse_stream *st, size_t n);
-/* Queue a shared chunk (channels): no copy. Same returns as sse_stream_write. */
-int    sse_stream_push(sse_stream *st, sse_chunk *c);
-size_t sse_stream_pending(const sse_stream *st);
-int    sse_stream_open(const sse_stream *st);      /* neither closing nor closed */
-/* Ask for the stream_ready hook once pending bytes fall to `low_water` or less. */
-void   sse_stream_want_drain(sse_stream *st, size_t low_water);
-/* Ends the response cleanly once the queue has drained (final chunk). */
-void   sse_stream_close(sse_stream *st);
-/* Ends it now without the final chunk (the client sees an error and reconnects). */
-void   sse_stream_abort(sse_stream *st);
-const char *sse_stream_peer(const sse_stream *st);
-void  *sse_stream_ud(const sse_stream *st);
-void   sse_stream_set_ud(sse_stream *st, void *ud);
-void   sse_stream_release(sse_stream *st);        /* drops the binding's reference */
 
 #endif
