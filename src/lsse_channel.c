@@ -2,7 +2,7 @@
  * Channels belong to the server object (freed after its last stream); a channel
  * userdata keeps the server userdata alive through its user value. */
 #include "lsse.h"
-#include "sse_server.h"   /* sse_stream_push: the sinks below are the channels' one
+#include "sse_stream.h"   /* sse_stream_push: the sinks below are the channels' one
                               link to the streams */
 
 #include <stdlib.h>

@@ -17,8 +17,8 @@
  * them merged in publish order.
  *
  * Resuming from a Last-Event-ID (sse_channel_resume_point) decides, in this order:
- *   - the id is a kept event's own id (given by the publisher, or ours): replay what
- *     came after that event;
+ *   - the id is the own id of an event this channel keeps (given by the publisher, or
+ *     ours): replay what came after that event;
  *   - it is "<epoch>-<seq>" with this app's epoch and a seq already issued: replay what
  *     is kept after seq, with the gap first if an event after seq has been pushed out of
  *     the history;
@@ -80,8 +80,8 @@ typedef struct sse_sub sse_sub;
  * subscriber is gone or was just dropped as too slow) or -ENOMEM, as sse_stream_push
  * does. A failure concerns that subscriber alone: the channel goes on to the others and
  * keeps the subscription, which its owner ends (sse_subscriber_clear) when it learns of
- * the close its own way. So push must not call back into the channel: it runs in the
- * middle of a publish, while the channel walks its subscribers. */
+ * the close its own way. Nor may push call back into the channel (subscribe, unsubscribe,
+ * clear): it runs in the middle of a publish, while the channel walks its subscribers. */
 typedef struct sse_sink {
     int  (*push)(void *ctx, sse_chunk *c);
     void  *ctx;
