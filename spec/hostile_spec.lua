@@ -827,6 +827,21 @@ describe("hostile clients", function()
       h:check_healthy()
     end)
 
+    -- found by fuzz_request (which runs with no timeouts): the half-closed connection was
+    -- looked for on the deadline lists only, and with request_timeout = false it was on none
+    it("the same with request_timeout = false: a half request head then FIN is released at once", function()
+      local h2 = harness({ request_timeout = false, keepalive_timeout = false })
+      for _ = 1, 20 do
+        local c = connect(h2.srv)
+        c:send("GET /open HTTP/1.1\r\nHo")
+        c.s:shutdown("send")
+        assert.is_truthy(c:wait_closed(2), "the server did not let it go: " .. c:describe())
+        c:close()
+      end
+      h2:check_fds(2)
+      h2:check_healthy()
+    end)
+
     it("a stream (generator or channel) whose client leaves right after the first bytes (reset or clean close) gives its descriptor back while another client holds a keep-alive connection", function()
       -- Another connection open and idle (here kept alive after a GET; a half-sent head or
       -- one that sent nothing does the same) is what keeps the dead streams' descriptors:

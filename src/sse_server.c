@@ -86,7 +86,7 @@ typedef struct sse_conn sse_conn;
  * keeps the order). */
 typedef struct sse_conn_list {
     sse_conn *head, *tail;
-    unsigned  timeout_ms;   /* 0: connections are never put on this list */
+    unsigned  timeout_ms;   /* 0: none (its connections are kept, never expire) */
 } sse_conn_list;
 
 /* Connections from one address, while max_per_ip is set. */
@@ -254,14 +254,13 @@ static void conn_unlist(sse_conn *c)
     c->list = NULL;
 }
 
-/* Starts c's deadline on list l (replacing any other). A list with no timeout means none. */
+/* Starts c's deadline on list l (replacing any other). A list with no timeout still
+ * holds its connections (close_half_closed looks there), with a deadline never reached. */
 static void conn_deadline(sse_conn *c, sse_conn_list *l)
 {
     sse_server *srv = c->srv;
     conn_unlist(c);
-    if (!l->timeout_ms)
-        return;
-    c->deadline = sse_loop_now(srv->loop) + l->timeout_ms;
+    c->deadline = l->timeout_ms ? sse_loop_now(srv->loop) + l->timeout_ms : UINT64_MAX;
     c->prev = l->tail;
     if (l->tail)
         l->tail->next = c;
