@@ -1,9 +1,10 @@
-/* The binding of sse_channel: app channels, publish, and stream:subscribe.
- * Channels belong to the server object (freed after its last stream); a channel
- * userdata keeps the server userdata alive through its user value. */
+/* The binding of sse_channel: the channel class (server:channel, publish), subscribing
+ * a subscriber to a channel (for stream:subscribe, in lsse_stream.c), and channel streams
+ * (app:stream(path, channel)). Channels belong to the server object (freed after its
+ * last stream); a channel userdata keeps the server userdata alive through its user
+ * value. Nothing here knows a generator stream: only subscribers (sse_subscriber). */
 #include "lsse.h"
-#include "sse_stream.h"   /* sse_stream_push: the sinks below are the channels' one
-                              link to the streams */
+#include "sse_stream.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -73,7 +74,8 @@ static int channel_publish(lua_State *L)
     return 1;
 }
 
-static int channel_index(lua_State *L)
+/* Computed fields: subscribers, name, history. */
+static int channel_get(lua_State *L)
 {
     lsse_channel *c = check_channel(L, 1);
     const char *k = luaL_checkstring(L, 2);
@@ -83,8 +85,6 @@ static int channel_index(lua_State *L)
         lua_pushstring(L, sse_channel_name(c->ch));
     else if (strcmp(k, "history") == 0)
         lua_pushinteger(L, sse_channel_history(c->ch));
-    else if (strcmp(k, "publish") == 0)
-        lua_pushcfunction(L, channel_publish);
     else
         lua_pushnil(L);
     return 1;
@@ -95,18 +95,6 @@ static int channel_tostring(lua_State *L)
     lsse_channel *c = luaL_checkudata(L, 1, CHANNEL_MT);
     lua_pushfstring(L, "sse.channel (%s)", c->b->loop ? sse_channel_name(c->ch) : "closed");
     return 1;
-}
-
-/* A subscriber's sink: the channel's shared chunks go onto its stream's queue, where a
- * client too slow for queue_limit is dropped (-EPIPE). */
-static int stream_push(void *ctx, sse_chunk *c)
-{
-    return sse_stream_push(ctx, c);
-}
-
-static sse_sink stream_sink(sse_stream *st)
-{
-    return (sse_sink){ stream_push, st };
 }
 
 /* The event a client gets first when events after its id are no longer kept:
@@ -136,58 +124,20 @@ static sse_chunk *gap_event(lua_State *L, int format, const char *channel,
     return c;
 }
 
-/* Subscribes sb to c with a replay after last (NULL: no replay), the gap event first when
- * events after it are no longer kept. Returns what sse_subscribe does; *n and *missed are
- * what sse_channel_resume_point says. */
-static int subscribe_after(lua_State *L, sse_subscriber *sb, lsse_channel *c,
+sse_channel *lsse_check_channel(lua_State *L, int idx)
+{
+    return check_channel(L, idx)->ch;
+}
+
+int lsse_channel_subscribe(lua_State *L, sse_channel *ch, sse_subscriber *sb,
                            const char *last, size_t len, unsigned *n, int *missed)
 {
     uint64_t after;
-    *n = sse_channel_resume_point(c->ch, last, len, &after, missed);
-    sse_chunk *gap = *missed ? gap_event(L, sb->format, sse_channel_name(c->ch), last, len) : NULL;
-    int rc = sse_subscribe(sb, c->ch, last != NULL, after, gap);
+    *n = sse_channel_resume_point(ch, last, len, &after, missed);
+    sse_chunk *gap = *missed ? gap_event(L, sb->format, sse_channel_name(ch), last, len) : NULL;
+    int rc = sse_subscribe(sb, ch, last != NULL, after, gap);
     sse_chunk_unref(gap);
     return rc;
-}
-
-/* stream:subscribe(ch [, last_event_id]) -> replayed, missed
- * Without the argument the request's last event id is used; false: no replay. */
-int lsse_stream_subscribe(lua_State *L)
-{
-    lsse_stream *s = luaL_checkudata(L, 1, STREAM_MT);
-    lsse_channel *c = check_channel(L, 2);
-    if (!s->st || !sse_stream_open(s->st)) {
-        lua_pushnil(L);
-        lua_pushliteral(L, "closed");
-        return 2;
-    }
-    if (lua_isnone(L, 3)) {
-        lua_getiuservalue(L, 1, UV_REQ);
-        lua_getfield(L, -1, "last_event_id");
-        lua_replace(L, 3);
-        lua_settop(L, 3);
-    }
-    size_t len = 0;
-    const char *last = NULL;
-    if (lua_toboolean(L, 3))
-        last = luaL_checklstring(L, 3, &len);
-    s->sub.sink = stream_sink(s->st);
-    unsigned n;
-    int missed;
-    int rc = subscribe_after(L, &s->sub, c, last, len, &n, &missed);
-    if (rc < 0)
-        return luaL_error(L, "stream:subscribe: out of memory");
-    if (rc == 1) {          /* already subscribed: nothing new to replay */
-        n = 0;
-        missed = 0;
-    }
-    /* The generator's own subscriptions replay when it yields (so several merge in
-     * order); from anywhere else, now. */
-    if (L != s->co)
-        sse_subscriber_flush(&s->sub);
-    lua_pushinteger(L, n);
-    lua_pushboolean(L, missed);
-    return 2;
 }
 
 void lsse_channel_stream(lua_State *L, sse_request *r, int ch, const sse_stream_opts *so,
@@ -207,42 +157,36 @@ void lsse_channel_stream(lua_State *L, sse_request *r, int ch, const sse_stream_
         luaL_error(L, "could not start the stream");
         return;
     }
-    s->sub.sink = stream_sink(st);
+    s->sub.sink = lsse_stream_sink(st);
     sse_stream_set_ud(st, s);
     lsse_write_first(st, format, retry);
     /* From here s belongs to the stream (freed by stream_closed), so a failure just
      * ends the stream cleanly. */
     unsigned n;
     int missed;
-    if (subscribe_after(L, &s->sub, c, last_id, len, &n, &missed) < 0)
+    if (lsse_channel_subscribe(L, c->ch, &s->sub, last_id, len, &n, &missed) < 0)
         sse_stream_close(st);
     sse_subscriber_flush(&s->sub);
 }
 
-int lsse_stream_unsubscribe(lua_State *L)
+void lsse_channel_stream_closed(sse_stream *st)
 {
-    lsse_stream *s = luaL_checkudata(L, 1, STREAM_MT);
-    lsse_channel *c = check_channel(L, 2);
-    if (!s->st) {
-        lua_pushboolean(L, 0);
-        return 1;
-    }
-    int rc = sse_unsubscribe(&s->sub, c->ch);
-    /* A stream kept open only for its channels ends with its last subscription. */
-    if (rc == 0 && !s->sub.subs && s->wait == WAIT_FOREVER && lua_status(s->co) == LUA_OK)
-        sse_stream_close(s->st);
-    lua_pushboolean(L, rc == 0);
-    return 1;
+    lsse_substream *s = sse_stream_ud(st);
+    sse_subscriber_clear(&s->sub);
+    sse_stream_release(st);
+    free(s);
 }
 
 void lsse_open_channel(lua_State *L)
 {
+    static const luaL_Reg methods[] = {
+        { "publish", channel_publish },
+        { NULL, NULL },
+    };
     static const luaL_Reg meta[] = {
-        { "__index", channel_index },
+        { "__index", channel_get },
         { "__tostring", channel_tostring },
         { NULL, NULL },
     };
-    luaL_newmetatable(L, CHANNEL_MT);
-    luaL_setfuncs(L, meta, 0);
-    lua_pop(L, 1);
+    lsse_class(L, CHANNEL_MT, methods, meta);
 }

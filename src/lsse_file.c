@@ -143,7 +143,8 @@ static void imf_fixdate(int64_t t, char *out, size_t outlen)
              months[tm.tm_mon], tm.tm_year + 1900, tm.tm_hour, tm.tm_min, tm.tm_sec);
 }
 
-static int file_index(lua_State *L)
+/* Computed fields: size, mtime, etag, last_modified, offset, length, closed. */
+static int file_get(lua_State *L)
 {
     lsse_file *f = luaL_checkudata(L, 1, FILE_MT);
     const char *k = luaL_checkstring(L, 2);
@@ -168,9 +169,7 @@ static int file_index(lua_State *L)
     } else if (strcmp(k, "closed") == 0) {
         lua_pushboolean(L, f->fd < 0);
     } else {
-        lua_getmetatable(L, 1);
-        lua_getfield(L, -1, "methods");
-        lua_getfield(L, -1, k);
+        lua_pushnil(L);
     }
     return 1;
 }
@@ -199,18 +198,13 @@ void lsse_open_file(lua_State *L)
         { NULL, NULL },
     };
     static const luaL_Reg meta[] = {
-        { "__index", file_index },
+        { "__index", file_get },
         { "__gc", file_close },
         { "__close", file_close },
         { "__tostring", file_tostring },
         { NULL, NULL },
     };
-    luaL_newmetatable(L, FILE_MT);
-    luaL_setfuncs(L, meta, 0);
-    lua_newtable(L);
-    luaL_setfuncs(L, methods, 0);
-    lua_setfield(L, -2, "methods");
-    lua_pop(L, 1);
+    lsse_class(L, FILE_MT, methods, meta);
     lua_pushcfunction(L, l_open_file);
     lua_setfield(L, -2, "open_file");
 }

@@ -5,8 +5,6 @@
 #include <errno.h>
 #include <string.h>
 
-#define PARSER_MT "sse.parser"
-
 /* Registry key of the cached cjson.encode: its address is the key. */
 static const char cjson_encode_key = 0;
 
@@ -272,13 +270,12 @@ static int l_parser_feed(lua_State *L)
     return 1;
 }
 
-static int l_parser_index(lua_State *L)
+/* Computed fields: retry (nil until the stream set one), last_event_id. */
+static int l_parser_get(lua_State *L)
 {
     sse_parser *p = luaL_checkudata(L, 1, PARSER_MT);
     const char *k = lua_type(L, 2) == LUA_TSTRING ? lua_tostring(L, 2) : "";
-    if (strcmp(k, "feed") == 0) {
-        lua_pushcfunction(L, l_parser_feed);
-    } else if (strcmp(k, "retry") == 0) {
+    if (strcmp(k, "retry") == 0) {
         if (p->retry < 0)
             lua_pushnil(L);
         else
@@ -305,13 +302,15 @@ void lsse_open_frame(lua_State *L)
         { "parser", l_parser },
         { NULL, NULL },
     };
+    static const luaL_Reg parser_methods[] = {
+        { "feed", l_parser_feed },
+        { NULL, NULL },
+    };
     static const luaL_Reg parser_meta[] = {
-        { "__index", l_parser_index },
+        { "__index", l_parser_get },
         { "__gc", l_parser_gc },
         { NULL, NULL },
     };
     luaL_setfuncs(L, funcs, 0);
-    luaL_newmetatable(L, PARSER_MT);
-    luaL_setfuncs(L, parser_meta, 0);
-    lua_pop(L, 1);
+    lsse_class(L, PARSER_MT, parser_methods, parser_meta);
 }

@@ -1,19 +1,14 @@
-/* The binding of sse_server, streams and timers to Lua.
+/* The server object and request dispatch.
  *
  * Lua runs only from the hooks of sse_server and sse_loop, all of them inside step()
- * on the thread that called it, each under pcall: an error in user code is logged and
- * contained. Each stream's generator is a coroutine driven from here: stream:send and
- * stream:sleep yield (lua_yield, so the values a resume passes become their results).
- *
- * Ownership: a userdata (server, stream, timer) holds its C object; while the C side
- * may still call back (stream open, timer armed) the userdata is anchored (lsse_anchor:
- * in a table of the server's, not the registry, so a dropped app is collected), and
- * released in exactly one place (stream_closed, timer fired or cancelled). A timer keeps
- * its server userdata alive as a user value, so using it after the app is gone is safe.
+ * (or close) on the thread that called it, each under lsse_pcall: an error in user
+ * code is logged and contained. A request goes to the app's admit function (before its
+ * body is read) and its dispatch function, whose answer is a response (status, body,
+ * headers), a generator stream (lsse_stream.c) or a channel stream (lsse_channel.c).
+ * Ownership of every binding object: lsse.h.
  */
 #include "lsse.h"
 #include "sse_server.h"
-#include "sse_channel.h"
 
 #include <errno.h>
 #include <math.h>
@@ -21,439 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define TIMER_MT  "sse.timer"
 #define MAX_HEADERS 64
-
-typedef struct lsse_timer {
-    sse_timer    t;
-    lsse_server *b;
-    int          self_ref;   /* anchored while armed; the callback is user value 1 */
-} lsse_timer;
-
-static const char *level_names[] = { "error", "warn", "info", "debug" };
-
-/* ---- anchors ---- */
-
-/* Registry: a weak-valued table, server -> its anchors table. The server userdata holds
- * the table strongly (its user value), so this lookup never keeps anything alive. */
-static const char anchors_key = 'a';
-
-static void push_anchors(lua_State *L, lsse_server *b)
-{
-    lua_rawgetp(L, LUA_REGISTRYINDEX, &anchors_key);
-    lua_rawgetp(L, -1, b);
-    lua_remove(L, -2);
-}
-
-int lsse_anchor(lua_State *L, lsse_server *b)
-{
-    push_anchors(L, b);
-    if (!lua_istable(L, -1)) {    /* the server is being collected */
-        lua_pop(L, 2);
-        return LUA_NOREF;
-    }
-    lua_insert(L, -2);
-    int ref = luaL_ref(L, -2);
-    lua_pop(L, 1);
-    return ref;
-}
-
-void lsse_unanchor(lua_State *L, lsse_server *b, int *ref)
-{
-    if (*ref == LUA_NOREF)
-        return;
-    push_anchors(L, b);
-    if (lua_istable(L, -1))
-        luaL_unref(L, -1, *ref);
-    lua_pop(L, 1);
-    *ref = LUA_NOREF;
-}
-
-void lsse_push_anchored(lua_State *L, lsse_server *b, int ref)
-{
-    push_anchors(L, b);
-    if (lua_istable(L, -1) && ref != LUA_NOREF)
-        lua_rawgeti(L, -1, ref);
-    else
-        lua_pushnil(L);
-    lua_remove(L, -2);
-}
-
-/* ---- error handling and logging ---- */
-
-static int traceback(lua_State *L)
-{
-    const char *msg = lua_tostring(L, 1);
-    if (!msg)
-        msg = luaL_tolstring(L, 1, NULL);
-    luaL_traceback(L, L, msg, 1);
-    return 1;
-}
-
-static void log_msg(lsse_server *b, int level, const char *msg)
-{
-    if (b->log_ref == LUA_NOREF || b->finalizing || !b->L)
-        return;
-    lua_State *L = b->L;
-    lsse_push_anchored(L, b, b->log_ref);
-    lua_pushstring(L, level_names[level < 0 || level > 3 ? 0 : level]);
-    lua_pushstring(L, msg);
-    if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
-        fprintf(stderr, "sse: log function failed: %s\n", lua_tostring(L, -1));
-        lua_pop(L, 1);
-    }
-}
-
-static void hook_log(void *ud, int level, const char *msg)
-{
-    log_msg(ud, level, msg);
-}
-
-/* Calls the function below it with nargs under a traceback handler; logs failures
- * with `what`. Leaves nothing on the stack; returns 1 on success. */
-static int protected_call(lsse_server *b, lua_State *L, int nargs, const char *what)
-{
-    int base = lua_gettop(L) - nargs;
-    lua_pushcfunction(L, traceback);
-    lua_insert(L, base);
-    int rc = lua_pcall(L, nargs, 0, base);
-    lua_remove(L, base);
-    if (rc != LUA_OK) {
-        lua_pushfstring(L, "%s: %s", what, lua_tostring(L, -1));
-        log_msg(b, SSE_LOG_ERROR, lua_tostring(L, -1));
-        lua_pop(L, 2);
-        return 0;
-    }
-    return 1;
-}
-
-/* ---- streams ---- */
-
-static lsse_stream *check_stream(lua_State *L, int idx)
-{
-    return luaL_checkudata(L, idx, STREAM_MT);
-}
-
-static int stream_is_open(const lsse_stream *s)
-{
-    return s->st && sse_stream_open(s->st);
-}
-
-/* What a generator gets from a stream call once the stream is closed: nil, "closed"
- * the first time; a later call never returns, so a loop that ignores the result
- * (`while true do stream:send(x) end`) ends instead of spinning. */
-static int closed_result(lua_State *L, lsse_stream *s)
-{
-    if (L == s->co) {
-        if (s->told_closed) {
-            s->wait = WAIT_FOREVER;
-            return lua_yield(L, 0);
-        }
-        s->told_closed = 1;
-    }
-    lua_pushnil(L);
-    lua_pushliteral(L, "closed");
-    return 2;
-}
-
-static void resume_generator(lsse_stream *s, int nargs);
-
-/* Replays of this turn's subscriptions go out before anything sent directly, so a
- * client sees history first, then what the generator says next. */
-static void flush_replay(lsse_stream *s)
-{
-    if (sse_subscriber_has_pending(&s->sub))
-        sse_subscriber_flush(&s->sub);
-}
-
-static void stream_wait_drain(lsse_stream *s)
-{
-    s->wait = WAIT_DRAIN;
-    sse_stream_want_drain(s->st, s->b->high_water / 2);
-}
-
-/* After queueing: the generator itself waits while the client is behind. */
-static int sent(lua_State *L, lsse_stream *s, int rc)
-{
-    if (rc == -ENOMEM)
-        return luaL_error(L, "stream:send: out of memory");
-    if (rc != 0)
-        return closed_result(L, s);
-    if (L == s->co && sse_stream_pending(s->st) > s->b->high_water) {
-        stream_wait_drain(s);
-        return lua_yield(L, 0);
-    }
-    lua_pushboolean(L, 1);
-    return 1;
-}
-
-static int stream_send(lua_State *L)
-{
-    lsse_stream *s = check_stream(L, 1);
-    sse_event ev;
-    lsse_check_event(L, 2, "stream:send", &ev);
-    if (!stream_is_open(s))
-        return closed_result(L, s);
-    flush_replay(s);
-    int nd = s->sub.format == SSE_FORMAT_NDJSON;
-    size_t n = nd ? sse_frame_ndjson_size(&ev) : sse_frame_size(&ev);
-    char *p = sse_stream_reserve(s->st, n);
-    if (!p)
-        return sent(L, s, -ENOMEM);
-    if (nd)
-        sse_frame_ndjson_write(&ev, p);
-    else
-        sse_frame_write(&ev, p);
-    return sent(L, s, sse_stream_commit(s->st, n));
-}
-
-static int stream_comment(lua_State *L)
-{
-    lsse_stream *s = check_stream(L, 1);
-    size_t len;
-    const char *text = luaL_optlstring(L, 2, "", &len);
-    if (!stream_is_open(s))
-        return closed_result(L, s);
-    flush_replay(s);
-    if (s->sub.format == SSE_FORMAT_NDJSON)   /* NDJSON has no comments: a blank line */
-        return sent(L, s, sse_stream_write(s->st, "\n", 1));
-    size_t n = sse_frame_comment_size(text, len);
-    char *p = sse_stream_reserve(s->st, n);
-    if (!p)
-        return sent(L, s, -ENOMEM);
-    sse_frame_comment_write(text, len, p);
-    return sent(L, s, sse_stream_commit(s->st, n));
-}
-
-/* Raw bytes, already framed (used by the facade for formats other than SSE). */
-static int stream_write(lua_State *L)
-{
-    lsse_stream *s = check_stream(L, 1);
-    size_t len;
-    const char *p = luaL_checklstring(L, 2, &len);
-    if (!stream_is_open(s))
-        return closed_result(L, s);
-    flush_replay(s);
-    return sent(L, s, sse_stream_write(s->st, p, len));
-}
-
-static void on_sleep_done(sse_timer *t)
-{
-    lsse_stream *s = (lsse_stream *)((char *)t - offsetof(lsse_stream, sleep));
-    if (s->wait != WAIT_SLEEP)
-        return;
-    lua_pushboolean(s->co, 1);
-    resume_generator(s, 1);
-}
-
-static int stream_sleep(lua_State *L)
-{
-    lsse_stream *s = check_stream(L, 1);
-    lua_Number secs = luaL_checknumber(L, 2);
-    luaL_argcheck(L, secs >= 0 && secs < 1e9, 2, "seconds must be between 0 and 1e9");
-    if (L != s->co)
-        return luaL_error(L, "stream:sleep must be called from the stream's own generator");
-    if (!stream_is_open(s))
-        return closed_result(L, s);
-    s->wait = WAIT_SLEEP;
-    sse_timer_start(s->b->loop, &s->sleep, (uint64_t)llround(secs * 1000.0), 0);
-    return lua_yield(L, 0);
-}
-
-static int stream_close(lua_State *L)
-{
-    lsse_stream *s = check_stream(L, 1);
-    if (s->st)
-        sse_stream_close(s->st);
-    return 0;
-}
-
-static int stream_on_close(lua_State *L)
-{
-    lsse_stream *s = check_stream(L, 1);
-    luaL_checktype(L, 2, LUA_TFUNCTION);
-    if (!s->st) {
-        /* Already closed: run it now rather than never. */
-        lua_pushvalue(L, 2);
-        lua_pushvalue(L, 1);
-        lua_call(L, 1, 0);
-        return 0;
-    }
-    lua_getiuservalue(L, 1, UV_ONCLOSE);
-    lua_pushvalue(L, 2);
-    lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
-    return 0;
-}
-
-static int stream_pending(lua_State *L)
-{
-    lsse_stream *s = check_stream(L, 1);
-    lua_pushinteger(L, s->st ? (lua_Integer)sse_stream_pending(s->st) : 0);
-    return 1;
-}
-
-static int stream_index(lua_State *L)
-{
-    lsse_stream *s = check_stream(L, 1);
-    const char *k = lua_tostring(L, 2);
-    if (k && strcmp(k, "closed") == 0) {
-        lua_pushboolean(L, !stream_is_open(s));
-        return 1;
-    }
-    if (k && strcmp(k, "req") == 0) {
-        lua_getiuservalue(L, 1, UV_REQ);
-        return 1;
-    }
-    if (k && strcmp(k, "peer") == 0) {
-        if (s->st)
-            lua_pushstring(L, sse_stream_peer(s->st));
-        else
-            lua_pushnil(L);
-        return 1;
-    }
-    luaL_getmetatable(L, STREAM_MT);
-    lua_getfield(L, -1, "methods");
-    lua_pushvalue(L, 2);
-    if (lua_rawget(L, -2) != LUA_TNIL)
-        return 1;
-    lua_getiuservalue(L, 1, UV_FIELDS);
-    lua_pushvalue(L, 2);
-    lua_rawget(L, -2);
-    return 1;
-}
-
-/* Users may keep their own fields on a stream (stream.user = name). */
-static int stream_newindex(lua_State *L)
-{
-    check_stream(L, 1);
-    const char *k = lua_tostring(L, 2);
-    if (k && (strcmp(k, "closed") == 0 || strcmp(k, "req") == 0 || strcmp(k, "peer") == 0))
-        return luaL_error(L, "stream.%s is read-only", k);
-    lua_getiuservalue(L, 1, UV_FIELDS);
-    lua_pushvalue(L, 2);
-    lua_pushvalue(L, 3);
-    lua_rawset(L, -3);
-    return 0;
-}
-
-static int stream_tostring(lua_State *L)
-{
-    lsse_stream *s = check_stream(L, 1);
-    lua_pushfstring(L, "sse.stream (%s)", s->st ? sse_stream_peer(s->st) : "closed");
-    return 1;
-}
-
-/* Runs the generator until it yields or ends. nargs values are on s->co's stack. */
-static void resume_generator(lsse_stream *s, int nargs)
-{
-    lsse_server *b = s->b;
-    lua_State *L = b->L;
-    lua_State *co = s->co;
-    int nres;
-    s->wait = WAIT_NONE;
-    int rc = lua_resume(co, L, nargs, &nres);
-    /* Subscriptions made in this turn replay now, merged in publish order. */
-    if (s->st)
-        flush_replay(s);
-    if (rc == LUA_YIELD) {
-        lua_pop(co, nres);
-        if (s->wait == WAIT_NONE && s->st) {
-            /* A bare coroutine.yield() in a generator: give the others a turn. */
-            s->wait = WAIT_SLEEP;
-            sse_timer_start(b->loop, &s->sleep, 0, 0);
-        }
-        return;
-    }
-    if (rc != LUA_OK) {
-        const char *msg = lua_tostring(co, -1);
-        luaL_traceback(L, co, msg ? msg : "(error object is not a string)", 0);
-        lua_pushfstring(L, "stream %s: %s", s->st ? sse_stream_peer(s->st) : "",
-                        lua_tostring(L, -1));
-        log_msg(b, SSE_LOG_ERROR, lua_tostring(L, -1));
-        lua_pop(L, 2);
-    }
-    lua_settop(co, 0);
-    s->wait = WAIT_FOREVER;  /* finished: nothing may resume it again */
-    /* A subscriber stays open for its channels after its generator returns. */
-    if (s->st && (rc != LUA_OK || !s->sub.subs))
-        sse_stream_close(s->st);
-}
-
-/* Pushes the stream userdata anchored for st. */
-static lsse_stream *push_stream(lsse_server *b, sse_stream *st)
-{
-    lsse_stream *s = sse_stream_ud(st);
-    lsse_push_anchored(b->L, b, s->self_ref);
-    return s;
-}
-
-static void hook_stream_ready(void *ud, sse_stream *st)
-{
-    lsse_server *b = ud;
-    lua_State *L = b->L;
-    if (b->finalizing || *(int *)sse_stream_ud(st) != STREAM_LUA)
-        return;
-    lsse_stream *s = push_stream(b, st);
-    if (!s->started) {
-        s->started = 1;
-        lua_getiuservalue(L, -1, UV_FN);   /* fn */
-        lua_pushvalue(L, -2);               /* stream */
-        lua_getiuservalue(L, -3, UV_REQ);   /* req */
-        lua_xmove(L, s->co, 3);
-        lua_pushnil(L);
-        lua_setiuservalue(L, -2, UV_FN);
-        lua_pop(L, 1);
-        /* The function and its two arguments. */
-        resume_generator(s, 2);
-        return;
-    }
-    lua_pop(L, 1);
-    if (s->wait == WAIT_DRAIN) {
-        lua_pushboolean(s->co, 1);
-        resume_generator(s, 1);
-    }
-}
-
-static void hook_stream_closed(void *ud, sse_stream *st)
-{
-    lsse_server *b = ud;
-    if (*(int *)sse_stream_ud(st) == STREAM_CHANNEL) {
-        lsse_substream *c = sse_stream_ud(st);
-        sse_subscriber_clear(&c->sub);
-        sse_stream_release(st);
-        free(c);
-        return;
-    }
-    lsse_stream *s = sse_stream_ud(st);
-    lua_State *L = b->L;
-    s->st = NULL;
-    sse_subscriber_clear(&s->sub);
-    sse_timer_stop(b->loop, &s->sleep);
-    sse_stream_release(st);
-    if (b->finalizing) {
-        lsse_unanchor(L, b, &s->self_ref);
-        return;
-    }
-    lsse_push_anchored(L, b, s->self_ref);
-    int self = lua_gettop(L);
-    lua_getiuservalue(L, self, UV_ONCLOSE);
-    lua_Integer n = (lua_Integer)lua_rawlen(L, -1);
-    for (lua_Integer i = 1; i <= n; i++) {
-        lua_rawgeti(L, self + 1, i);
-        lua_pushvalue(L, self);
-        protected_call(b, L, 1, "stream on_close");
-    }
-    lua_settop(L, self);
-    /* A generator waiting in sleep or send learns that the stream is gone. */
-    if (s->wait == WAIT_SLEEP || s->wait == WAIT_DRAIN) {
-        s->told_closed = 1;
-        lua_pushnil(s->co);
-        lua_pushliteral(s->co, "closed");
-        resume_generator(s, 2);
-    }
-    lua_pop(L, 1);
-    lsse_unanchor(L, b, &s->self_ref);
-}
 
 /* ---- requests ---- */
 
@@ -614,10 +177,39 @@ static void hook_admit(void *ud, sse_request *r)
     lua_pushcfunction(L, handle_admit);
     lua_pushlightuserdata(L, b);
     lua_pushlightuserdata(L, r);
-    protected_call(b, L, 2, "request");
+    lsse_pcall(b, L, 2, "request");
 }
 
-/* dispatch(req) returns  status, body, headers  or  fn, req, opts  (a stream). */
+/* A stream's opts = { headers = {...}, heartbeat = seconds or false, retry = ms,
+ * format = "sse" | "ndjson", gzip = bool }, at idx, into *so (its headers into h), *format
+ * and *retry. Leaves the values so points into on the stack (above idx). */
+static void check_stream_opts(lua_State *L, int idx, sse_header *h, sse_stream_opts *so,
+                              int *format, lua_Integer *retry)
+{
+    luaL_checktype(L, idx, LUA_TTABLE);
+    int top = lua_gettop(L);
+    lua_getfield(L, idx, "headers");
+    size_t nh = check_headers(L, top + 1, h);
+    lua_getfield(L, idx, "heartbeat");
+    lua_Number hb = lua_toboolean(L, top + 2) ? luaL_checknumber(L, top + 2) : 0;
+    lua_getfield(L, idx, "retry");
+    *retry = lua_isnil(L, top + 3) ? -1 : luaL_checkinteger(L, top + 3);
+    lua_getfield(L, idx, "format");
+    *format = lua_isnil(L, top + 4) ? SSE_FORMAT_SSE
+            : strcmp(luaL_checkstring(L, top + 4), "ndjson") == 0 ? SSE_FORMAT_NDJSON
+            : SSE_FORMAT_SSE;
+    lua_getfield(L, idx, "gzip");
+    *so = (sse_stream_opts){
+        .headers = h,
+        .nheaders = nh,
+        .heartbeat_ms = hb > 0 ? (unsigned)llround(hb * 1000.0) : 0,
+        .heartbeat = *format == SSE_FORMAT_NDJSON ? "\n" : ":\n\n",
+        .gzip = lua_toboolean(L, top + 5),
+    };
+}
+
+/* dispatch(req) returns  status, body, headers  or  fn, req, opts  (a generator stream)
+ * or  channel, req, opts  (a channel stream). */
 static int handle_request(lua_State *L)
 {
     lsse_server *b = lua_touserdata(L, 1);
@@ -637,30 +229,12 @@ static int handle_request(lua_State *L)
         respond(L, b, r);
         return 0;
     }
-
-    /* A stream: opts = { headers = {...}, heartbeat = seconds or false, retry = ms,
-     * format = "sse" | "ndjson", gzip = bool } */
-    luaL_checktype(L, 3, LUA_TTABLE);
-    lua_getfield(L, 3, "headers");
     sse_header h[MAX_HEADERS];
-    size_t nh = check_headers(L, 4, h);
-    lua_getfield(L, 3, "heartbeat");
-    lua_Number hb = lua_toboolean(L, 5) ? luaL_checknumber(L, 5) : 0;
-    lua_getfield(L, 3, "retry");
-    lua_Integer retry = lua_isnil(L, 6) ? -1 : luaL_checkinteger(L, 6);
-    lua_getfield(L, 3, "format");
-    int format = lua_isnil(L, 7) ? SSE_FORMAT_SSE
-               : strcmp(luaL_checkstring(L, 7), "ndjson") == 0 ? SSE_FORMAT_NDJSON : SSE_FORMAT_SSE;
-    lua_getfield(L, 3, "gzip");
-    sse_stream_opts so = {
-        .headers = h,
-        .nheaders = nh,
-        .heartbeat_ms = hb > 0 ? (unsigned)llround(hb * 1000.0) : 0,
-        .heartbeat = format == SSE_FORMAT_NDJSON ? "\n" : ":\n\n",
-        .gzip = lua_toboolean(L, 8),
-    };
-    lua_settop(L, 3);
-
+    sse_stream_opts so;
+    int format;
+    lua_Integer retry;
+    check_stream_opts(L, 3, h, &so, &format, &retry);
+    lua_settop(L, 3);   /* the header strings stay anchored by the opts table */
     if (lua_type(L, 1) != LUA_TFUNCTION) {   /* a channel */
         lua_getfield(L, 2, "last_event_id");
         size_t len = 0;
@@ -668,44 +242,8 @@ static int handle_request(lua_State *L)
         lsse_channel_stream(L, r, 1, &so, format, retry, last, len);
         return 0;
     }
-
-    lsse_stream *s = lua_newuserdatauv(L, sizeof *s, UV_COUNT);
-    memset(s, 0, sizeof *s);
-    s->kind = STREAM_LUA;
-    s->b = b;
-    s->self_ref = LUA_NOREF;
-    sse_timer_init(&s->sleep, on_sleep_done);
-    s->co = lua_newthread(L);
-    lua_setiuservalue(L, -2, UV_CO);
-    lua_pushvalue(L, 2);
-    lua_setiuservalue(L, -2, UV_REQ);
-    lua_pushvalue(L, 1);
-    lua_setiuservalue(L, -2, UV_FN);
-    lua_newtable(L);
-    lua_setiuservalue(L, -2, UV_ONCLOSE);
-    lua_newtable(L);
-    lua_setiuservalue(L, -2, UV_FIELDS);
-    luaL_setmetatable(L, STREAM_MT);
-
-    s->sub.format = format;
-    s->st = sse_request_stream(r, &so);
-    if (!s->st)
-        return luaL_error(L, "could not start the stream");
-    sse_stream_set_ud(s->st, s);
-    lua_pushvalue(L, -1);
-    s->self_ref = lsse_anchor(L, b);
-    lsse_write_first(s->st, format, retry);
+    lsse_stream_start(L, b, r, 1, 2, &so, format, retry);
     return 0;
-}
-
-void lsse_write_first(sse_stream *st, int format, long long retry)
-{
-    if (format == SSE_FORMAT_NDJSON)
-        return;
-    char first[48];
-    int n = retry >= 0 ? snprintf(first, sizeof first, "retry: %lld\n\n", retry)
-                       : snprintf(first, sizeof first, ":ok\n\n");
-    sse_stream_write(st, first, (size_t)n);
 }
 
 static void hook_request(void *ud, sse_request *r)
@@ -717,38 +255,23 @@ static void hook_request(void *ud, sse_request *r)
     lua_pushcfunction(L, handle_request);
     lua_pushlightuserdata(L, b);
     lua_pushlightuserdata(L, r);
-    protected_call(b, L, 2, "request");
+    lsse_pcall(b, L, 2, "request");
+}
+
+static void hook_log(void *ud, int level, const char *msg)
+{
+    lsse_log(ud, level, msg);
 }
 
 static const sse_server_hooks hooks = {
     .admit = hook_admit,
     .request = hook_request,
-    .stream_ready = hook_stream_ready,
-    .stream_closed = hook_stream_closed,
+    .stream_ready = lsse_stream_ready,
+    .stream_closed = lsse_stream_closed,
     .log = hook_log,
 };
 
-/* ---- timers ---- */
-
-static void release_timer(lsse_timer *t, lua_State *L)
-{
-    lsse_unanchor(L, t->b, &t->self_ref);
-}
-
-static void on_timer(sse_timer *st)
-{
-    lsse_timer *t = (lsse_timer *)st;
-    lsse_server *b = t->b;
-    lua_State *L = b->L;
-    lsse_push_anchored(L, b, t->self_ref);
-    lua_getiuservalue(L, -1, 1);
-    lua_insert(L, -2);
-    /* One-shot: disarmed before the call, so it may be collected once the call ends. */
-    int once = !sse_timer_active(&t->t);
-    protected_call(b, L, 1, "timer");
-    if (once && !sse_timer_active(&t->t))
-        release_timer(t, L);
-}
+/* ---- the server object ---- */
 
 lsse_server *lsse_check_server(lua_State *L, int idx)
 {
@@ -757,52 +280,6 @@ lsse_server *lsse_check_server(lua_State *L, int idx)
         luaL_error(L, "attempt to use a closed server");
     return b;
 }
-
-/* server:timer(after_seconds, repeat_seconds, fn) -> timer */
-static int server_timer(lua_State *L)
-{
-    lsse_server *b = lsse_check_server(L, 1);
-    lua_Number after = luaL_checknumber(L, 2);
-    lua_Number every = luaL_checknumber(L, 3);
-    luaL_checktype(L, 4, LUA_TFUNCTION);
-    luaL_argcheck(L, after >= 0 && after < 1e9, 2, "seconds must be between 0 and 1e9");
-    luaL_argcheck(L, every >= 0 && every < 1e9, 3, "seconds must be between 0 and 1e9");
-    lsse_timer *t = lua_newuserdatauv(L, sizeof *t, 2);
-    sse_timer_init(&t->t, on_timer);
-    t->b = b;
-    t->self_ref = LUA_NOREF;
-    lua_pushvalue(L, 4);
-    lua_setiuservalue(L, -2, 1);
-    lua_pushvalue(L, 1);          /* t->b stays valid as long as the timer exists */
-    lua_setiuservalue(L, -2, 2);
-    luaL_setmetatable(L, TIMER_MT);
-    uint64_t rep = (uint64_t)llround(every * 1000.0);
-    if (every > 0 && rep == 0)
-        rep = 1;
-    if (sse_timer_start(b->loop, &t->t, (uint64_t)llround(after * 1000.0), rep) != 0)
-        return luaL_error(L, "out of memory");
-    lua_pushvalue(L, -1);
-    t->self_ref = lsse_anchor(L, b);
-    return 1;
-}
-
-static int timer_cancel(lua_State *L)
-{
-    lsse_timer *t = luaL_checkudata(L, 1, TIMER_MT);
-    if (t->b->loop)               /* else the app is closed: the timer went with it */
-        sse_timer_stop(t->b->loop, &t->t);
-    release_timer(t, L);
-    return 0;
-}
-
-static int timer_active(lua_State *L)
-{
-    lsse_timer *t = luaL_checkudata(L, 1, TIMER_MT);
-    lua_pushboolean(L, sse_timer_active(&t->t));
-    return 1;
-}
-
-/* ---- the server object ---- */
 
 static size_t opt_size(lua_State *L, int idx, const char *field, size_t dflt)
 {
@@ -855,13 +332,8 @@ static int server_new(lua_State *L)
         return luaL_error(L, "option 'connection_memory' must be at least 2048");
     lsse_server *b = lua_newuserdatauv(L, sizeof *b, 1);
     memset(b, 0, sizeof *b);
-    b->dispatch_ref = b->admit_ref = b->log_ref = b->signal_ref = LUA_NOREF;
-    lua_newtable(L);                       /* its anchors */
-    lua_rawgetp(L, LUA_REGISTRYINDEX, &anchors_key);
-    lua_pushvalue(L, -2);
-    lua_rawsetp(L, -2, b);
-    lua_pop(L, 1);
-    lua_setiuservalue(L, -2, 1);
+    b->self_ref = b->dispatch_ref = b->admit_ref = b->log_ref = b->signal_ref = LUA_NOREF;
+    lsse_new_anchors(L, b);
     luaL_setmetatable(L, SERVER_MT);
     b->ids.epoch = sse_ids_epoch();
     b->high_water = cfg.queue_limit / 2 < (64 << 10) ? cfg.queue_limit / 2 : (64 << 10);
@@ -935,7 +407,7 @@ static void on_signal(void *ud, int signo)
         return;
     lsse_push_anchored(b->L, b, b->signal_ref);
     lua_pushinteger(b->L, signo);
-    protected_call(b, b->L, 1, "signal");
+    lsse_pcall(b, b->L, 1, "signal");
 }
 
 /* server:catch_signals(fn | nil): SIGINT/SIGTERM call fn(signo) instead of killing. */
@@ -956,25 +428,19 @@ static int server_catch_signals(lua_State *L)
     return 0;
 }
 
-static int server_index(lua_State *L)
+/* Computed fields: port (while listening), listening, connections. */
+static int server_get(lua_State *L)
 {
     lsse_server *b = luaL_checkudata(L, 1, SERVER_MT);
     const char *k = luaL_checkstring(L, 2);
-    if (strcmp(k, "port") == 0 && b->srv && sse_server_listening(b->srv)) {
+    if (strcmp(k, "port") == 0 && b->srv && sse_server_listening(b->srv))
         lua_pushinteger(L, sse_server_port(b->srv));
-        return 1;
-    }
-    if (strcmp(k, "listening") == 0) {
+    else if (strcmp(k, "listening") == 0)
         lua_pushboolean(L, b->srv && sse_server_listening(b->srv));
-        return 1;
-    }
-    if (strcmp(k, "connections") == 0) {
+    else if (strcmp(k, "connections") == 0)
         lua_pushinteger(L, b->srv ? sse_server_connections(b->srv) : 0);
-        return 1;
-    }
-    luaL_getmetatable(L, SERVER_MT);
-    lua_getfield(L, -1, "methods");
-    lua_getfield(L, -1, k);
+    else
+        lua_pushnil(L);
     return 1;
 }
 
@@ -991,79 +457,33 @@ static int server_gc(lua_State *L)
     sse_loop_free(b->loop);
     b->loop = NULL;
     /* The anchors table goes with the userdata: nothing to release one by one. */
-    b->dispatch_ref = b->admit_ref = b->log_ref = b->signal_ref = LUA_NOREF;
+    b->self_ref = b->dispatch_ref = b->admit_ref = b->log_ref = b->signal_ref = LUA_NOREF;
     return 0;
-}
-
-static void new_class(lua_State *L, const char *name, const luaL_Reg *methods,
-                      const luaL_Reg *meta)
-{
-    luaL_newmetatable(L, name);
-    luaL_setfuncs(L, meta, 0);
-    lua_newtable(L);
-    luaL_setfuncs(L, methods, 0);
-    lua_setfield(L, -2, "methods");
-    lua_pop(L, 1);
 }
 
 void lsse_open_server(lua_State *L)
 {
-    static const luaL_Reg server_methods[] = {
+    static const luaL_Reg methods[] = {
         { "listen", server_listen },
         { "step", server_step },
         { "shutdown", server_shutdown },
-        { "timer", server_timer },
+        { "timer", lsse_server_timer },
         { "catch_signals", server_catch_signals },
         { "channel", lsse_server_channel },
         { "close", server_gc },
         { NULL, NULL },
     };
-    static const luaL_Reg server_meta[] = {
-        { "__index", server_index },
+    static const luaL_Reg meta[] = {
+        { "__index", server_get },
         { "__gc", server_gc },
         { "__close", server_gc },
         { NULL, NULL },
     };
-    static const luaL_Reg stream_methods[] = {
-        { "send", stream_send },
-        { "comment", stream_comment },
-        { "write", stream_write },
-        { "sleep", stream_sleep },
-        { "close", stream_close },
-        { "on_close", stream_on_close },
-        { "pending", stream_pending },
-        { "subscribe", lsse_stream_subscribe },
-        { "unsubscribe", lsse_stream_unsubscribe },
-        { NULL, NULL },
-    };
-    static const luaL_Reg stream_meta[] = {
-        { "__index", stream_index },
-        { "__newindex", stream_newindex },
-        { "__tostring", stream_tostring },
-        { NULL, NULL },
-    };
-    static const luaL_Reg timer_methods[] = {
-        { "cancel", timer_cancel },
-        { "active", timer_active },
-        { NULL, NULL },
-    };
-    static const luaL_Reg timer_meta[] = {
-        { NULL, NULL },
-    };
-    new_class(L, SERVER_MT, server_methods, server_meta);
-    new_class(L, STREAM_MT, stream_methods, stream_meta);
-    new_class(L, TIMER_MT, timer_methods, timer_meta);
-    luaL_getmetatable(L, TIMER_MT);
-    lua_getfield(L, -1, "methods");
-    lua_setfield(L, -2, "__index");
-    lua_pop(L, 1);
-    lua_newtable(L);                       /* server -> anchors, weak values */
-    lua_createtable(L, 0, 1);
-    lua_pushliteral(L, "v");
-    lua_setfield(L, -2, "__mode");
-    lua_setmetatable(L, -2);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &anchors_key);
+    lsse_class(L, SERVER_MT, methods, meta);
+    lsse_open_stream(L);
+    lsse_open_timer(L);
     lsse_open_channel(L);
+    lsse_open_anchors(L);
     lua_pushcfunction(L, server_new);
     lua_setfield(L, -2, "server");
 }
