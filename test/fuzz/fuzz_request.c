@@ -18,6 +18,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -110,6 +111,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
         .max_body = 4096,           /* small, so 413 is reachable from small inputs */
         .queue_limit = 1 << 20,
         .conn_memory = 4096,        /* small, so headers can overflow the pool */
+        /* Timeouts and other new fields stay 0 ("none"): a connection whose client has
+         * gone must still be let go of without a deadline doing it. */
         .hooks = &hooks,
     };
     srv = sse_server_new(loop, &cfg);
@@ -145,8 +148,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(sse_server_port(srv)) };
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    /* Blocking connect: on loopback the kernel completes it from the backlog. */
-    if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
+    /* Blocking connect: on loopback the kernel completes it from the backlog. A signal
+     * (libFuzzer's timer) can interrupt it while a handshake is retried (a reused port);
+     * the handshake goes on, so wait for it rather than report the harness's failure. */
+    int rc = fd < 0 ? -1 : connect(fd, (struct sockaddr *)&a, sizeof a);
+    if (rc != 0 && fd >= 0 && errno == EINTR) {
+        struct pollfd p = { .fd = fd, .events = POLLOUT };
+        int err = 0;
+        socklen_t len = sizeof err;
+        while ((rc = poll(&p, 1, 5000)) < 0 && errno == EINTR)
+            ;
+        rc = rc == 1 && getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0 && !err ? 0 : -1;
+    }
+    if (rc != 0) {
         perror("fuzz_request: connect");
         abort();
     }
