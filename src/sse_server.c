@@ -468,7 +468,7 @@ static void resume_stream(void *conn, void *ctx)
 }
 
 /* Is MHD asking to be run again at once? After a resume it calls the reader in one
- * MHD_run and may send the bytes only in the next (notes §1.4). */
+ * MHD_run and may send the bytes only in the next (docs/libmicrohttpd.md, "The loop"). */
 static int mhd_wants_more(sse_server *srv)
 {
     MHD_UNSIGNED_LONG_LONG ms;
