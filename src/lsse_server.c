@@ -168,16 +168,23 @@ static int handle_admit(lua_State *L)
     return 0;
 }
 
-static void hook_admit(void *ud, sse_request *r)
+/* Runs handler(b, r) protected, when the facade gave the function at ref (admit or
+ * dispatch) and the server is not being collected. */
+static void call_request_hook(lsse_server *b, sse_request *r, int ref, lua_CFunction handler)
 {
-    lsse_server *b = ud;
     lua_State *L = b->L;
-    if (b->finalizing || b->admit_ref == LUA_NOREF)
+    if (b->finalizing || ref == LUA_NOREF)
         return;
-    lua_pushcfunction(L, handle_admit);
+    lua_pushcfunction(L, handler);
     lua_pushlightuserdata(L, b);
     lua_pushlightuserdata(L, r);
     lsse_pcall(b, L, 2, "request");
+}
+
+static void hook_admit(void *ud, sse_request *r)
+{
+    lsse_server *b = ud;
+    call_request_hook(b, r, b->admit_ref, handle_admit);
 }
 
 /* A stream's opts = { headers = {...}, heartbeat = seconds or false, retry = ms,
@@ -249,13 +256,7 @@ static int handle_request(lua_State *L)
 static void hook_request(void *ud, sse_request *r)
 {
     lsse_server *b = ud;
-    lua_State *L = b->L;
-    if (b->finalizing || b->dispatch_ref == LUA_NOREF)
-        return;
-    lua_pushcfunction(L, handle_request);
-    lua_pushlightuserdata(L, b);
-    lua_pushlightuserdata(L, r);
-    lsse_pcall(b, L, 2, "request");
+    call_request_hook(b, r, b->dispatch_ref, handle_request);
 }
 
 static void hook_log(void *ud, int level, const char *msg)
