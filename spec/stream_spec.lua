@@ -241,6 +241,65 @@ describe("sse.app streams", function()
     end)
   end)
 
+  -- issue 10, part 7: a stream route could not answer 404 or 401 once it was matched
+  describe("accept: refusing before the first byte", function()
+    it("answers what accept returns and starts no stream; nil starts it with what accept left in req", function()
+      local app = client.app { heartbeat = false }
+      local rooms = { lobby = true }
+      local started = 0
+      app:stream("/rooms/:room", function(stream, req)
+        started = started + 1
+        stream:send(req.room_title)
+      end, {
+        accept = function(req)
+          if not rooms[req.params.room] then
+            return 404, { error = "no such room" }
+          end
+          req.room_title = "Room " .. req.params.room
+        end,
+      })
+      local ch = app:channel("news")
+      app:stream("/news", ch, {
+        accept = function(req) if req.query.token ~= "ok" then return 401, "token?\n" end end,
+      })
+      assert(app:listen())
+      local res = client.request(app, "GET", "/rooms/nope")
+      assert.are.equal(404, res.status)
+      assert.are.equal("application/json", res.headers["content-type"])
+      assert.are.equal(0, started)
+      local head = client.request(app, "HEAD", "/rooms/nope")
+      assert.are.equal(404, head.status)
+      local c = client.connect(app, "/rooms/lobby")
+      c:wait_end()
+      assert.are.equal(200, c.res.status)
+      assert.are.same({ "Room lobby" }, c:data())
+      assert.are.equal(401, client.request(app, "GET", "/news").status)
+      local sub = client.connect(app, "/news?token=ok")
+      client.wait(app, function() return ch.subscribers == 1 end)
+      ch:publish("hello")
+      sub:wait_events(1)
+      assert.are.same({ "hello" }, sub:data())
+    end)
+
+    it("an error in accept answers 500, logged, and the route keeps serving", function()
+      local app, logs = client.app { heartbeat = false }
+      local calls = 0
+      app:stream("/s", function(stream) stream:send("ok") end, {
+        accept = function()
+          calls = calls + 1
+          if calls == 1 then error("accept-boom-77") end
+        end,
+      })
+      assert(app:listen())
+      assert.are.equal(500, client.request(app, "GET", "/s").status)
+      assert.truthy(client.find_log(logs, "accept-boom-77"), client.show_logs(logs))
+      local c = client.connect(app, "/s")
+      c:wait_end()
+      assert.are.same({ "ok" }, c:data())
+      assert.has_error(function() app:stream("/x", function() end, { accept = 5 }) end)
+    end)
+  end)
+
   describe("client disconnects", function()
     it("runs on_close within 1 s when the client leaves during a long sleep", function()
       local app = client.app { heartbeat = false }

@@ -287,7 +287,7 @@ end
 
 local STREAM_OPTIONS = {
   method = "string", format = "string", retry = "number", heartbeat = "number|boolean",
-  headers = "table", gzip = "boolean",
+  headers = "table", gzip = "boolean", accept = "function",
 }
 
 function App:stream(pattern, source, opts)
@@ -324,6 +324,7 @@ function App:stream(pattern, source, opts)
     headers = headers,
     format = opts.format,
     gzip = opts.gzip,
+    accept = opts.accept,
   })
   return self
 end
@@ -534,6 +535,17 @@ function App:_dispatch(req)
     end
     if a ~= nil then
       return user_response(self, req, "before", a, b, c)
+    end
+  end
+  -- A stream may refuse before its first byte (404 for an unknown room, 401, 502 from a
+  -- relay): once the generator runs, the client already has its 200.
+  if route.accept then
+    local ok, a, b, c = call_user(self, req, "accept", route.accept)
+    if not ok then
+      return plain(self, req, 500, "internal server error\n")
+    end
+    if a ~= nil then
+      return user_response(self, req, "accept", a, b, c)
     end
   end
   if route.stream then
