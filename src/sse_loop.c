@@ -78,6 +78,12 @@ int sse_loop_unwatch(sse_loop *l, sse_watch *w)
     return epoll_ctl(l->epfd, EPOLL_CTL_DEL, w->fd, NULL) == 0 ? 0 : -errno;
 }
 
+int sse_loop_rewatch(sse_loop *l, sse_watch *w, uint32_t events)
+{
+    struct epoll_event ev = { .events = events, .data.ptr = w };
+    return epoll_ctl(l->epfd, EPOLL_CTL_MOD, w->fd, &ev) == 0 ? 0 : -errno;
+}
+
 /* ---- timers: a binary min-heap; each timer knows its slot so stop is O(log n) ---- */
 
 void sse_timer_init(sse_timer *t, sse_timer_cb cb)

@@ -37,6 +37,9 @@ void     sse_loop_now_update(sse_loop *l);
 
 int sse_loop_watch(sse_loop *l, sse_watch *w, uint32_t events);   /* EPOLL_CTL_ADD; 0 or -errno */
 int sse_loop_unwatch(sse_loop *l, sse_watch *w);                  /* EPOLL_CTL_DEL; 0 or -errno */
+/* Changes the events of a watched descriptor (EPOLL_CTL_MOD; 0 or -errno): a client such
+ * as libcurl switches a socket between reading and writing without a DEL/ADD pair. */
+int sse_loop_rewatch(sse_loop *l, sse_watch *w, uint32_t events);
 
 void sse_timer_init(sse_timer *t, sse_timer_cb cb);
 /* (Re)schedules t to fire after `after_ms`, then every `repeat_ms` if non-zero. */

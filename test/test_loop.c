@@ -3,6 +3,7 @@
 #include "sse_loop.h"
 #include "check.h"
 
+#include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
@@ -101,6 +102,38 @@ static void test_watch(void)
     close(p[1]);
 }
 
+static int writable;
+static void on_write(sse_watch *w, uint32_t ev)
+{
+    if (ev & EPOLLOUT)
+        writable++;
+    if (ev & EPOLLIN)
+        on_read(w, ev);
+}
+
+/* A socket moves between "wants to read" and "wants to write" with one call. */
+static void test_rewatch(void)
+{
+    int p[2];
+    CHECK(pipe(p) == 0, "pipe");
+    sse_watch w = { p[1], on_write };
+    CHECK(sse_loop_watch(loop, &w, EPOLLIN) == 0, "watch the write end for input");
+    writable = 0;
+    sse_loop_poll(loop, 20000);
+    CHECK(writable == 0, "no output event while only input is watched: %d", writable);
+    CHECK(sse_loop_rewatch(loop, &w, EPOLLOUT) == 0, "rewatch for output");
+    sse_loop_poll(loop, 100000);
+    CHECK(writable == 1, "an empty pipe is writable once rewatched: %d", writable);
+    CHECK(sse_loop_rewatch(loop, &w, 0) == 0, "rewatch for nothing");
+    sse_loop_poll(loop, 20000);
+    CHECK(writable == 1, "no event with no events asked: %d", writable);
+    CHECK(sse_loop_unwatch(loop, &w) == 0, "unwatch");
+    sse_watch never = { p[0], on_write };
+    CHECK(sse_loop_rewatch(loop, &never, EPOLLIN) == -ENOENT, "rewatch of an unwatched fd: -ENOENT");
+    close(p[0]);
+    close(p[1]);
+}
+
 static int got_signal;
 static void on_sig(void *ud, int signo) { got_signal = signo; }
 
@@ -153,6 +186,7 @@ int main(void)
     test_timer_order();
     test_repeat();
     test_watch();
+    test_rewatch();
     test_signals();
     test_zero_rearm_waits_for_next_turn();
     sse_loop_free(loop);
