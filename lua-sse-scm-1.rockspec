@@ -23,6 +23,10 @@ external_dependencies = {
       header = "microhttpd.h",
       library = "microhttpd",
    },
+   CURL = {
+      header = "curl/curl.h",
+      library = "curl",
+   },
    ZLIB = {
       header = "zlib.h",
       library = "z",
@@ -39,6 +43,8 @@ build = {
       LUA_DIR = "$(LUADIR)",
       MHD_INCDIR = "$(MHD_INCDIR)",
       MHD_LIBDIR = "$(MHD_LIBDIR)",
+      CURL_INCDIR = "$(CURL_INCDIR)",
+      CURL_LIBDIR = "$(CURL_LIBDIR)",
    },
 }
 test_dependencies = {
