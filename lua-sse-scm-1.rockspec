@@ -24,7 +24,8 @@ external_dependencies = {
       library = "microhttpd",
    },
    CURL = {
-      header = "curl/curl.h",
+      -- no header check: Debian keeps curl.h under a multiarch directory luarocks does
+      -- not search; CMakeLists.txt finds it with CURL_INCDIR as a hint.
       library = "curl",
    },
    ZLIB = {
