@@ -66,6 +66,7 @@ typedef struct lsse_server {
     sse_ids       ids;         /* app-wide event ids shared by all channels */
     sse_channel **channels;    /* owned here: freed after the last stream is gone */
     unsigned      nchannels, channels_cap;
+    struct lsse_task *running; /* the app coroutine being resumed now, or NULL */
 } lsse_server;
 
 /* Registers the class `name`: meta holds its metamethods; methods are what obj.name
@@ -128,7 +129,8 @@ struct lsse_task {
     int                  started;
     int                  cancelled;    /* its owner is gone: no more timer wake-ups */
     int                  told_closed;  /* it was given nil, "closed" once */
-    sse_timer            timer;        /* WAIT_SLEEP's wake-up */
+    int                  start_nargs;  /* >= 0: its first resume is due on the timer */
+    sse_timer            timer;        /* WAIT_SLEEP's wake-up (and a later start) */
 };
 
 void lsse_task_init(lsse_task *t, lsse_server *b, lua_State *co, const lsse_task_ops *ops);
@@ -152,6 +154,14 @@ void lsse_task_cancel(lsse_task *t);
 void lsse_task_tell_closed(lsse_task *t);
 int  lsse_task_finished(const lsse_task *t);   /* the function has returned or raised */
 int  lsse_task_is(const lsse_task *t, lua_State *L);   /* L is the task's coroutine */
+/* The task whose coroutine is L, if L is the app coroutine running now; else NULL
+ * (the main thread, or a plain coroutine of the user's: they cannot wait on the loop). */
+lsse_task *lsse_task_current(lsse_server *b, lua_State *L);
+/* server:spawn(fn, ...): fn(...) as an app coroutine, first resumed in the next turn.
+ * server:sleep(seconds): the current app coroutine waits; raises outside of one. */
+int  lsse_server_spawn(lua_State *L);
+int  lsse_server_sleep(lua_State *L);
+void lsse_open_task(lua_State *L);   /* registers the spawned coroutines' class */
 
 /* ---- lsse_stream.c ---- */
 

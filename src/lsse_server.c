@@ -469,6 +469,8 @@ void lsse_open_server(lua_State *L)
         { "step", server_step },
         { "shutdown", server_shutdown },
         { "timer", lsse_server_timer },
+        { "spawn", lsse_server_spawn },
+        { "sleep", lsse_server_sleep },
         { "catch_signals", server_catch_signals },
         { "channel", lsse_server_channel },
         { "close", server_gc },
@@ -481,6 +483,7 @@ void lsse_open_server(lua_State *L)
         { NULL, NULL },
     };
     lsse_class(L, SERVER_MT, methods, meta);
+    lsse_open_task(L);
     lsse_open_stream(L);
     lsse_open_timer(L);
     lsse_open_channel(L);

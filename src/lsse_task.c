@@ -17,6 +17,13 @@ static void resume(lsse_task *t, int nargs);
 static void on_timer(sse_timer *tm)
 {
     lsse_task *t = (lsse_task *)((char *)tm - offsetof(lsse_task, timer));
+    if (t->start_nargs >= 0) {    /* a spawned task's first turn */
+        int n = t->start_nargs;
+        t->start_nargs = -1;
+        t->started = 1;
+        resume(t, n);
+        return;
+    }
     if (t->wait != WAIT_SLEEP)
         return;
     lua_pushboolean(t->co, 1);
@@ -30,6 +37,7 @@ void lsse_task_init(lsse_task *t, lsse_server *b, lua_State *co, const lsse_task
     t->ops = ops;
     t->wait = WAIT_NONE;
     t->started = t->cancelled = t->told_closed = 0;
+    t->start_nargs = -1;
     sse_timer_init(&t->timer, on_timer);
 }
 
@@ -38,8 +46,10 @@ static void log_error(lsse_task *t)
     lua_State *L = t->b->L;
     const char *msg = lua_tostring(t->co, -1);
     luaL_traceback(L, t->co, msg ? msg : "(error object is not a string)", 0);
-    lua_pushfstring(L, "%s %s: %s", t->ops->what, t->ops->label ? t->ops->label(t) : "",
-                    lua_tostring(L, -1));
+    if (t->ops->label)
+        lua_pushfstring(L, "%s %s: %s", t->ops->what, t->ops->label(t), lua_tostring(L, -1));
+    else
+        lua_pushfstring(L, "%s: %s", t->ops->what, lua_tostring(L, -1));
     lsse_log(t->b, SSE_LOG_ERROR, lua_tostring(L, -1));
     lua_pop(L, 2);
 }
@@ -49,7 +59,10 @@ static void resume(lsse_task *t, int nargs)
 {
     int nres;
     t->wait = WAIT_NONE;
+    lsse_task *outer = t->b->running;   /* resumes nest: a generator may spawn */
+    t->b->running = t;
     int rc = lua_resume(t->co, t->b->L, nargs, &nres);
+    t->b->running = outer;
     if (t->ops->resumed)
         t->ops->resumed(t);
     if (rc == LUA_YIELD) {
@@ -133,4 +146,70 @@ int lsse_task_finished(const lsse_task *t)
 int lsse_task_is(const lsse_task *t, lua_State *L)
 {
     return L == t->co;
+}
+
+lsse_task *lsse_task_current(lsse_server *b, lua_State *L)
+{
+    return b->running && b->running->co == L ? b->running : NULL;
+}
+
+/* ---- app:spawn and app:sleep ---- */
+
+#define SPAWNED_MT "sse.spawned"
+
+/* A spawned coroutine: its userdata (user values: the coroutine, the server) is anchored
+ * until the function returns or raises. */
+typedef struct lsse_spawned {
+    lsse_task task;
+    int       self_ref;
+} lsse_spawned;
+
+static void spawned_ended(lsse_task *t, int ok)
+{
+    lsse_spawned *s = (lsse_spawned *)((char *)t - offsetof(lsse_spawned, task));
+    lsse_unanchor(t->b->L, t->b, &s->self_ref);
+}
+
+static const lsse_task_ops spawned_ops = { .what = "spawn", .ended = spawned_ended };
+
+int lsse_server_spawn(lua_State *L)
+{
+    lsse_server *b = lsse_check_server(L, 1);
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    int nargs = lua_gettop(L) - 2;
+    lsse_spawned *s = lua_newuserdatauv(L, sizeof *s, 2);
+    lua_State *co = lua_newthread(L);
+    lua_setiuservalue(L, -2, 1);
+    lua_pushvalue(L, 1);
+    lua_setiuservalue(L, -2, 2);
+    luaL_setmetatable(L, SPAWNED_MT);
+    lsse_task_init(&s->task, b, co, &spawned_ops);
+    lua_pushvalue(L, -1);
+    s->self_ref = lsse_anchor(L, b);
+    lua_pop(L, 1);                          /* the userdata: anchored now */
+    lua_xmove(L, co, nargs + 1);            /* fn and its arguments */
+    /* Not at once: the caller (a handler, a generator...) goes on first, and the
+     * coroutine starts from the loop, in the next turn. */
+    s->task.start_nargs = nargs;
+    if (sse_timer_start(b->loop, &s->task.timer, 0, 0) != 0)
+        return luaL_error(L, "app:spawn: out of memory");
+    return 0;
+}
+
+int lsse_server_sleep(lua_State *L)
+{
+    lsse_server *b = lsse_check_server(L, 1);
+    lua_Number secs = luaL_checknumber(L, 2);
+    luaL_argcheck(L, secs >= 0 && secs < 1e9, 2, "seconds must be between 0 and 1e9");
+    lsse_task *t = lsse_task_current(b, L);
+    if (!t)
+        return luaL_error(L, "app:sleep: not in an app coroutine (a stream's generator or a "
+                             "function given to app:spawn): nothing here can wait on the loop");
+    return lsse_task_sleep(L, t, (uint64_t)(secs * 1000.0 + 0.5));
+}
+
+void lsse_open_task(lua_State *L)
+{
+    static const luaL_Reg none[] = { { NULL, NULL } };
+    lsse_class(L, SPAWNED_MT, none, none);
 }

@@ -351,6 +351,28 @@ function App:after(seconds, fn)
   return self._core:timer(seconds, 0, fn)
 end
 
+-- ---- app coroutines ----
+
+-- Runs fn(...) as a coroutine on the loop, from the next loop turn: it may wait
+-- (app:sleep; and what later waits on the network). An error is logged with its
+-- traceback. A script with no routes at all can do its work this way under app:run().
+function App:spawn(fn, ...)
+  if type(fn) ~= "function" then
+    error("app:spawn: expected a function", 2)
+  end
+  self._core:spawn(fn, ...)
+end
+
+-- The current app coroutine (a stream's generator, a spawned function) waits `seconds`
+-- while the loop serves everything else. Returns true, or nil, "closed" when the stream
+-- of a generator closed meanwhile. Raises anywhere else.
+function App:sleep(seconds)
+  if type(seconds) ~= "number" or seconds < 0 or seconds ~= seconds then
+    error("app:sleep: seconds must be a non-negative number", 2)
+  end
+  return self._core:sleep(seconds)
+end
+
 -- ---- requests ----
 
 local function add_cors(self, req, headers)
