@@ -724,6 +724,19 @@ describe("hostile clients", function()
       h:check_healthy()
     end)
 
+    -- found by the fuzzing helper: the keep-alive deadline was set after plain responses only
+    it("defect 3: a connection kept alive after a stream that ended is closed within keepalive_timeout + 1 s", function()
+      local c = connect(h.srv)
+      c:send(request("/short"))
+      assert.is_truthy(c:wait(function(x) return x.raw:find("\r\n0\r\n\r\n", 1, true) end, 2),
+        "the stream did not end: " .. c:describe())
+      local t0 = gettime()
+      assert.is_truthy(c:wait_closed(2.2), ("kept-alive connection still open %.1f s after its stream ended: %s"):format(
+        gettime() - t0, c:describe()))
+      h:check_fds()
+      h:check_healthy()
+    end)
+
     it("defect 3: a /tick stream lasting longer than request_timeout stays open (streams are exempt)", function()
       local c = connect(h.srv)
       c:send(request("/tick"))

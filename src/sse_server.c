@@ -802,8 +802,9 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         r->c->stream = NULL;
     if (r->stream)
         sse_stream_completed(r->stream);
-    else if (r->c && toe == MHD_REQUEST_TERMINATED_COMPLETED_OK)
-        conn_deadline(r->c, &srv->idle);   /* may be kept alive: idle until the next */
+    /* May be kept alive, after a stream that ended cleanly too: idle until the next. */
+    if (r->c && toe == MHD_REQUEST_TERMINATED_COMPLETED_OK)
+        conn_deadline(r->c, &srv->idle);
     if (r->held_answer)
         MHD_destroy_response(r->held_answer);
     sse_buf_free(&r->body);
