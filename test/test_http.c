@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -164,6 +165,9 @@ static void start_server(void)
     server = fork();
     if (server == 0) {
         setpgid(0, 0);
+        prctl(PR_SET_PDEATHSIG, SIGTERM);   /* a test that crashes takes its server along */
+        if (getppid() == 1)
+            _exit(0);
         signal(SIGCHLD, SIG_IGN);   /* connection children reap themselves */
         for (;;) {
             int c = accept(lfd, NULL, NULL);
