@@ -474,6 +474,21 @@ static void test_failures(void)
     check_clean("failures");
 }
 
+/* A name that cannot resolve (RFC 2606 .invalid): curl's resolver works beside the loop.
+ * Where no resolver answers at all the timeout ends it instead; both must reach done. */
+static void test_dns(void)
+{
+    rec *r = new_rec();
+    sse_http_request rq = { .url = "http://nonexistent.invalid/", .timeout_ms = 3000 };
+    start(r, &rq);
+    RUN_UNTIL(r->dones, 4000);
+    const char *kind = r->dones ? sse_http_error_kind(r->err) : NULL;
+    CHECK(r->dones == 1 && kind && (strcmp(kind, "dns") == 0 || strcmp(kind, "timeout") == 0) && r->msg[0],
+          "unresolvable host: %d %s '%s'", r->err, kind ? kind : "-", r->msg);
+    free(r);
+    check_clean("dns");
+}
+
 static void test_cancel(void)
 {
     rec *stop = new_rec(), *self = new_rec(), *killer = new_rec(), *victim = new_rec();
@@ -575,6 +590,7 @@ int main(void)
     test_stream();
     test_too_large();
     test_failures();
+    test_dns();
     test_cancel();
     test_concurrent();
     sse_http_free(http);
