@@ -67,6 +67,8 @@ typedef struct lsse_server {
     sse_channel **channels;    /* owned here: freed after the last stream is gone */
     unsigned      nchannels, channels_cap;
     struct lsse_task *running; /* the app coroutine being resumed now, or NULL */
+    struct sse_http  *http;    /* outbound HTTP (lsse_http.c), made on first use */
+    struct lsse_fetch *fetches; /* fetches in flight, freed with the server */
 } lsse_server;
 
 /* Registers the class `name`: meta holds its metamethods; methods are what obj.name
@@ -106,6 +108,7 @@ enum {
     WAIT_NONE,     /* running, not started, or suspended by nothing we know of */
     WAIT_SLEEP,    /* its timer (lsse_task_sleep, or a bare coroutine.yield: 0 ms) */
     WAIT_DRAIN,    /* its owner's lsse_task_wake (a stream: the client caught up) */
+    WAIT_IO,       /* an outbound request (lsse_task_deliver brings the result) */
     WAIT_FOREVER,  /* finished, or told once it was cancelled: never resumed again */
 };
 
@@ -130,6 +133,8 @@ struct lsse_task {
     int                  cancelled;    /* its owner is gone: no more timer wake-ups */
     int                  told_closed;  /* it was given nil, "closed" once */
     int                  start_nargs;  /* >= 0: its first resume is due on the timer */
+    void                *io;           /* WAIT_IO: what it waits on, and how to stop it */
+    void               (*io_cancel)(void *io);
     sse_timer            timer;        /* WAIT_SLEEP's wake-up (and a later start) */
 };
 
@@ -143,6 +148,8 @@ int  lsse_task_sleep(lua_State *L, lsse_task *t, uint64_t ms);
 int  lsse_task_wait(lua_State *L, lsse_task *t, int wait);
 /* Resumes it with true if it waits for `wait` (WAIT_DRAIN: the owner's event came). */
 void lsse_task_wake(lsse_task *t, int wait);
+/* Resumes it with the nargs values on top of t->co if it waits for `wait`; else drops them. */
+void lsse_task_deliver(lsse_task *t, int wait, int nargs);
 /* What a call on a closed object returns to L: nil, "closed" the first time the task
  * hears it (or always, when L is not the task's coroutine); from the task a later call
  * never returns, so a loop that ignores the result ends instead of spinning. */
@@ -162,6 +169,10 @@ lsse_task *lsse_task_current(lsse_server *b, lua_State *L);
 int  lsse_server_spawn(lua_State *L);
 int  lsse_server_sleep(lua_State *L);
 void lsse_open_task(lua_State *L);   /* registers the spawned coroutines' class */
+
+/* ---- lsse_http.c: app:fetch ---- */
+int  lsse_server_fetch(lua_State *L);
+void lsse_free_fetches(lsse_server *b);   /* the server is going: cancel them all */
 
 /* ---- lsse_stream.c ---- */
 

@@ -455,6 +455,7 @@ static int server_gc(lua_State *L)
     sse_server_free(b->srv);
     b->srv = NULL;
     lsse_free_channels(b);
+    lsse_free_fetches(b);
     sse_loop_free(b->loop);
     b->loop = NULL;
     /* The anchors table goes with the userdata: nothing to release one by one. */
@@ -471,6 +472,7 @@ void lsse_open_server(lua_State *L)
         { "timer", lsse_server_timer },
         { "spawn", lsse_server_spawn },
         { "sleep", lsse_server_sleep },
+        { "fetch", lsse_server_fetch },
         { "catch_signals", server_catch_signals },
         { "channel", lsse_server_channel },
         { "close", server_gc },

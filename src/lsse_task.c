@@ -20,6 +20,8 @@ static void on_timer(sse_timer *tm)
     if (t->start_nargs >= 0) {    /* a spawned task's first turn */
         int n = t->start_nargs;
         t->start_nargs = -1;
+    t->io = NULL;
+    t->io_cancel = NULL;
         t->started = 1;
         resume(t, n);
         return;
@@ -38,6 +40,8 @@ void lsse_task_init(lsse_task *t, lsse_server *b, lua_State *co, const lsse_task
     t->wait = WAIT_NONE;
     t->started = t->cancelled = t->told_closed = 0;
     t->start_nargs = -1;
+    t->io = NULL;
+    t->io_cancel = NULL;
     sse_timer_init(&t->timer, on_timer);
 }
 
@@ -128,10 +132,23 @@ void lsse_task_cancel(lsse_task *t)
     sse_timer_stop(t->b->loop, &t->timer);
 }
 
+void lsse_task_deliver(lsse_task *t, int wait, int nargs)
+{
+    if (t->wait != wait) {
+        lua_pop(t->co, nargs);
+        return;
+    }
+    resume(t, nargs);
+}
+
 void lsse_task_tell_closed(lsse_task *t)
 {
-    if (t->wait != WAIT_SLEEP && t->wait != WAIT_DRAIN)
+    if (t->wait == WAIT_IO && t->io) {
+        t->io_cancel(t->io);      /* its request is of no use to anyone now */
+        t->io = NULL;
+    } else if (t->wait != WAIT_SLEEP && t->wait != WAIT_DRAIN) {
         return;
+    }
     t->told_closed = 1;
     lua_pushnil(t->co);
     lua_pushliteral(t->co, "closed");

@@ -373,6 +373,35 @@ function App:sleep(seconds)
   return self._core:sleep(seconds)
 end
 
+local FETCH_OPTIONS = {
+  method = "string", headers = "table", body = "string|table", timeout = "number",
+  max_size = "number", insecure = "boolean", ca_file = "string", redirects = "boolean",
+}
+
+-- An HTTP request from the current app coroutine, which waits (the loop serves everything
+-- else meanwhile): res = { status, headers (lower-case names), body }, or nil, message,
+-- kind ("timeout", "dns", "connect", "tls", "too_large", "http", "other"). An HTTP error
+-- status is a response, not a failure. A table body is sent as JSON.
+function App:fetch(url, opts)
+  if type(url) ~= "string" then
+    error("app:fetch: url must be a string", 2)
+  end
+  opts = opts or {}
+  check_options(opts, FETCH_OPTIONS, "app:fetch")
+  if type(opts.body) == "table" then
+    local o = {}
+    for k, v in pairs(opts) do o[k] = v end
+    o.body = cjson.encode(opts.body)
+    o.headers = {}
+    for k, v in pairs(opts.headers or {}) do o.headers[k] = v end
+    if not has_header(o.headers, "content-type") then
+      o.headers["Content-Type"] = "application/json"
+    end
+    opts = o
+  end
+  return self._core:fetch(url, opts)
+end
+
 -- ---- requests ----
 
 local function add_cors(self, req, headers)
