@@ -84,6 +84,54 @@ describe("app:fetch", function()
     assert.are.equal("timeout", done[3])
   end)
 
+  it("stream = true returns at the head; res:read() gives the body as it arrives, then nil", function()
+    local app = app_with_routes()
+    app:stream("/three", function(stream)
+      for i = 1, 3 do stream:send("e" .. i) app:sleep(0.1) end
+    end)
+    local pieces, times, res = {}, {}, nil
+    local t0 = client.gettime()
+    app:spawn(function()
+      res = app:fetch(app.url .. "/three", { stream = true })
+      times.head = client.gettime() - t0
+      while true do
+        local piece, err = res:read()
+        if not piece then pieces.ended = err or true break end
+        pieces[#pieces + 1] = piece
+        times[#pieces] = client.gettime() - t0
+      end
+    end)
+    client.wait(app, function() return pieces.ended end, 5, "the streamed body to end")
+    assert.are.equal(true, pieces.ended)
+    assert.are.equal(200, res.status)
+    assert.are.equal("text/event-stream", res.headers["content-type"])
+    local body = table.concat(pieces)
+    for i = 1, 3 do assert.truthy(body:find("data: e" .. i .. "\n\n", 1, true), body) end
+    assert.is_true(#pieces >= 2, "the body came in one piece")
+    assert.is_true(times.head < 0.15 and times[1] < 0.2, "the head or first piece waited for the end")
+  end)
+
+  it("res:close() and dropping the response stop the transfer: the upstream stream closes", function()
+    local app = app_with_routes()
+    local closed = 0
+    app:stream("/forever", function(stream)
+      stream:on_close(function() closed = closed + 1 end)
+      while stream:send("x") do app:sleep(0.02) end
+    end)
+    app:spawn(function()
+      local res = app:fetch(app.url .. "/forever", { stream = true })
+      assert(res:read())
+      res:close()
+      assert.are.same({ nil, "closed" }, { res:read() })
+      local res2 = app:fetch(app.url .. "/forever", { stream = true })
+      assert(res2:read())
+      res2 = nil
+      collectgarbage()
+      collectgarbage()
+    end)
+    client.wait(app, function() return closed == 2 end, 5, "both upstream streams to close")
+  end)
+
   it("raises outside an app coroutine and for bad options", function()
     local app = app_with_routes()
     assert.has_error(function() app:fetch(app.url .. "/json") end,

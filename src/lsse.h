@@ -173,6 +173,7 @@ void lsse_open_task(lua_State *L);   /* registers the spawned coroutines' class 
 /* ---- lsse_http.c: app:fetch ---- */
 int  lsse_server_fetch(lua_State *L);
 void lsse_free_fetches(lsse_server *b);   /* the server is going: cancel them all */
+void lsse_open_http(lua_State *L);        /* registers the streamed responses' class */
 
 /* ---- lsse_stream.c ---- */
 

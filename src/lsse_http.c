@@ -2,15 +2,24 @@
  * loop) made from an app coroutine, which waits (WAIT_IO) until the whole response is in:
  * the loop serves everything else meanwhile. The coroutine is resumed with the response
  * table, or nil, message, kind. If its owner goes first (a stream's client leaves), the
- * transfer is cancelled and the coroutine hears nil, "closed". */
+ * transfer is cancelled and the coroutine hears nil, "closed".
+ *
+ * With stream = true the coroutine is resumed as soon as the head is in, with a response
+ * object (sse.response): res:read() waits for the next piece of the body (nil at the end,
+ * or nil, message, kind), res:close() stops it; dropping the object stops it too. */
 #include "lsse.h"
 #include "sse_buf.h"
 #include "sse_http.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define MAX_REQUEST_HEADERS 64
+#define RESPONSE_MT "sse.response"
+/* Unread bytes a streamed response may hold before it is stopped ("response too large"):
+ * curl cannot be paused through sse_http, so a reader that stops reading is cut off. */
+#define STREAM_BUFFER_MAX (16u << 20)
 
 /* One fetch in flight: owned by the server's list until done or cancelled. */
 typedef struct lsse_fetch {
@@ -19,9 +28,20 @@ typedef struct lsse_fetch {
     sse_http_transfer *tr;
     long               status;
     sse_buf            head;      /* "Name: value\n" lines of the response */
-    sse_buf            body;
+    sse_buf            body;      /* whole; or, streamed, what is not read yet */
+    int                streamed;  /* stream = true */
+    int                done;      /* streamed: the transfer ended (tr is gone) */
+    int                err;       /* ... with this error (0: the body is complete) */
+    char               errmsg[160];
+    struct lsse_response *res;    /* streamed: its object, once the head is in */
+    lsse_task         *reader;    /* streamed: the coroutine waiting in res:read() */
     struct lsse_fetch *prev, *next;
 } lsse_fetch;
+
+/* The object of a streamed response; user values: { status, headers }, the server. */
+typedef struct lsse_response {
+    lsse_fetch *f;                /* NULL once closed */
+} lsse_response;
 
 static void fetch_unlink_free(lsse_fetch *f)
 {
@@ -37,6 +57,10 @@ static void fetch_unlink_free(lsse_fetch *f)
     free(f);
 }
 
+static void push_response(lua_State *co, lsse_fetch *f);
+static void streamed_head(lsse_fetch *f);
+static void streamed_end(lsse_fetch *f, int err, const char *msg);
+
 static void on_head(void *ud, long status, const char *const *headers, size_t n)
 {
     lsse_fetch *f = ud;
@@ -45,12 +69,36 @@ static void on_head(void *ud, long status, const char *const *headers, size_t n)
         sse_buf_append(&f->head, headers[i], strlen(headers[i]));
         sse_buf_append(&f->head, "\n", 1);
     }
+    if (f->streamed)
+        streamed_head(f);
+}
+
+/* Gives the coroutine waiting in res:read() what is buffered. */
+static void hand_to_reader(lsse_fetch *f)
+{
+    lsse_task *t = f->reader;
+    if (!t || f->body.len == 0)
+        return;
+    f->reader = NULL;
+    t->io = NULL;
+    lua_pushlstring(t->co, f->body.data, f->body.len);
+    f->body.len = 0;
+    lsse_task_deliver(t, WAIT_IO, 1);
 }
 
 static int on_data(void *ud, const char *p, size_t n)
 {
     lsse_fetch *f = ud;
-    return sse_buf_append(&f->body, p, n) != 0;   /* out of memory: cancel */
+    if (sse_buf_append(&f->body, p, n) != 0)
+        return 1;                 /* out of memory: cancel */
+    if (!f->streamed)
+        return 0;
+    if (f->body.len > STREAM_BUFFER_MAX) {
+        streamed_end(f, SSE_HTTP_ETOOLARGE, "response too large");
+        return 1;                 /* cancels the transfer: no done follows */
+    }
+    hand_to_reader(f);
+    return 0;
 }
 
 /* Pushes { status, headers = { lower-case name = value (repeats joined ", ") }, body }. */
@@ -94,6 +142,10 @@ static void push_response(lua_State *co, lsse_fetch *f)
 static void on_done(void *ud, int err, const char *msg)
 {
     lsse_fetch *f = ud;
+    if (f->res) {                 /* streamed, head delivered: the reader learns it */
+        streamed_end(f, err, msg);
+        return;
+    }
     lsse_task *t = f->task;
     t->io = NULL;
     int n;
@@ -121,6 +173,160 @@ static void cancel_fetch(void *io)
 
 static const sse_http_handler handler = { on_head, on_data, on_done };
 
+/* ---- streamed responses ---- */
+
+static void push_error(lua_State *co, int err, const char *msg)
+{
+    lua_pushnil(co);
+    lua_pushstring(co, msg);
+    lua_pushstring(co, sse_http_error_kind(err));
+}
+
+/* The head is in: the fetch returns a response object to its coroutine. */
+static void streamed_head(lsse_fetch *f)
+{
+    lsse_task *t = f->task;
+    lua_State *co = t->co;
+    lsse_response *r = lua_newuserdatauv(co, sizeof *r, 2);
+    r->f = f;
+    push_response(co, f);
+    lua_pushnil(co);
+    lua_setfield(co, -2, "body");
+    lua_setiuservalue(co, -2, 1);
+    lsse_push_server(co, f->b);
+    lua_setiuservalue(co, -2, 2);
+    luaL_setmetatable(co, RESPONSE_MT);
+    f->res = r;
+    f->body.len = 0;
+    t->io = NULL;
+    lsse_task_deliver(t, WAIT_IO, 1);
+}
+
+/* The transfer ended (err 0: the whole body came): a waiting reader gets what is left,
+ * or the end. */
+static void streamed_end(lsse_fetch *f, int err, const char *msg)
+{
+    f->done = 1;
+    f->tr = NULL;
+    f->err = err;
+    snprintf(f->errmsg, sizeof f->errmsg, "%s", msg ? msg : "");
+    if (f->body.len) {
+        hand_to_reader(f);
+        return;
+    }
+    lsse_task *t = f->reader;
+    if (!t)
+        return;
+    f->reader = NULL;
+    t->io = NULL;
+    if (err) {
+        push_error(t->co, err, f->errmsg);
+        lsse_task_deliver(t, WAIT_IO, 3);
+    } else {
+        lua_pushnil(t->co);
+        lsse_task_deliver(t, WAIT_IO, 1);
+    }
+}
+
+/* The reader's owner is gone while it waits in res:read(): the body is of no use. */
+static void cancel_read(void *io)
+{
+    lsse_fetch *f = io;
+    f->reader = NULL;
+    if (f->tr)
+        sse_http_cancel(f->tr);
+    f->tr = NULL;
+    f->done = 1;
+    f->err = -1;
+    snprintf(f->errmsg, sizeof f->errmsg, "closed");
+}
+
+static lsse_response *check_response(lua_State *L)
+{
+    return luaL_checkudata(L, 1, RESPONSE_MT);
+}
+
+/* res:read() -> piece | nil (the end) | nil, message, kind */
+static int response_read(lua_State *L)
+{
+    lsse_response *r = check_response(L);
+    lsse_fetch *f = r->f;
+    if (!f) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "closed");
+        return 2;
+    }
+    if (f->body.len) {
+        lua_pushlstring(L, f->body.data, f->body.len);
+        f->body.len = 0;
+        return 1;
+    }
+    if (f->done) {
+        if (!f->err) {
+            lua_pushnil(L);
+            return 1;
+        }
+        push_error(L, f->err > 0 ? f->err : 0, f->errmsg);
+        return 3;
+    }
+    lsse_task *t = lsse_task_current(f->b, L);
+    if (!t)
+        return luaL_error(L, "res:read: not in an app coroutine: nothing here can wait on the loop");
+    if (f->reader)
+        return luaL_error(L, "res:read: another coroutine is already reading this response");
+    f->reader = t;
+    t->io = f;
+    t->io_cancel = cancel_read;
+    return lsse_task_wait(L, t, WAIT_IO);
+}
+
+/* res:close(): stops the transfer (idempotent); also when the object is collected. */
+static int response_close(lua_State *L)
+{
+    lsse_response *r = check_response(L);
+    lsse_fetch *f = r->f;
+    if (!f)
+        return 0;
+    r->f = NULL;
+    if (f->tr)
+        sse_http_cancel(f->tr);
+    lsse_task *t = f->reader;
+    if (t) {                      /* another coroutine waits in read: it ends now */
+        f->reader = NULL;
+        t->io = NULL;
+        lua_pushnil(t->co);
+        lua_pushliteral(t->co, "closed");
+        lsse_task_deliver(t, WAIT_IO, 2);
+    }
+    fetch_unlink_free(f);
+    return 0;
+}
+
+static int response_get(lua_State *L)
+{
+    check_response(L);
+    lua_getiuservalue(L, 1, 1);
+    lua_pushvalue(L, 2);
+    lua_rawget(L, -2);
+    return 1;
+}
+
+void lsse_open_http(lua_State *L)
+{
+    static const luaL_Reg methods[] = {
+        { "read", response_read },
+        { "close", response_close },
+        { NULL, NULL },
+    };
+    static const luaL_Reg meta[] = {
+        { "__index", response_get },
+        { "__gc", response_close },
+        { "__close", response_close },
+        { NULL, NULL },
+    };
+    lsse_class(L, RESPONSE_MT, methods, meta);
+}
+
 /* Reads opts (a table at idx, or nil) into rq; header lines are made on the stack. */
 static void check_fetch_opts(lua_State *L, int idx, sse_http_request *rq, const char **lines)
 {
@@ -142,6 +348,11 @@ static void check_fetch_opts(lua_State *L, int idx, sse_http_request *rq, const 
     if (lua_getfield(L, idx, "ca_file") != LUA_TNIL)
         rq->ca_file = luaL_checkstring(L, -1);
     rq->follow_redirects = lua_getfield(L, idx, "redirects") != LUA_TNIL && lua_toboolean(L, -1);
+    if (lua_getfield(L, idx, "stream") != LUA_TNIL && lua_toboolean(L, -1)) {
+        if (lua_getfield(L, idx, "timeout") == LUA_TNIL)
+            rq->timeout_ms = 0;   /* a stream lasts as long as it lasts */
+        rq->max_size = 0;         /* bounded by what is unread instead */
+    }
     if (lua_getfield(L, idx, "headers") == LUA_TTABLE) {
         int t = lua_gettop(L);
         lua_pushnil(L);
@@ -179,6 +390,8 @@ int lsse_server_fetch(lua_State *L)
         return luaL_error(L, "app:fetch: out of memory");
     f->b = b;
     f->task = t;
+    f->streamed = !lua_isnoneornil(L, 3) && lua_getfield(L, 3, "stream") != LUA_TNIL &&
+                  lua_toboolean(L, -1);
     const char *err = NULL;
     f->tr = sse_http_start(b->http, &rq, &handler, f, &err);
     if (!f->tr) {
@@ -201,6 +414,9 @@ void lsse_free_fetches(lsse_server *b)
 {
     sse_http_free(b->http);      /* cancels every transfer: no callback runs */
     b->http = NULL;
-    while (b->fetches)
+    while (b->fetches) {
+        if (b->fetches->res)
+            b->fetches->res->f = NULL;   /* the object turns inert: read says "closed" */
         fetch_unlink_free(b->fetches);
+    }
 }

@@ -486,6 +486,7 @@ void lsse_open_server(lua_State *L)
     };
     lsse_class(L, SERVER_MT, methods, meta);
     lsse_open_task(L);
+    lsse_open_http(L);
     lsse_open_stream(L);
     lsse_open_timer(L);
     lsse_open_channel(L);

@@ -376,6 +376,7 @@ end
 local FETCH_OPTIONS = {
   method = "string", headers = "table", body = "string|table", timeout = "number",
   max_size = "number", insecure = "boolean", ca_file = "string", redirects = "boolean",
+  stream = "boolean",
 }
 
 -- An HTTP request from the current app coroutine, which waits (the loop serves everything
