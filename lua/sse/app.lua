@@ -403,6 +403,11 @@ function App:fetch(url, opts)
   return self._core:fetch(url, opts)
 end
 
+-- An SSE client (the browser's EventSource, for Lua): see lua/sse/eventsource.lua.
+function App:eventsource(url, opts)
+  return require("sse.eventsource").new(self, url, opts)
+end
+
 -- ---- requests ----
 
 local function add_cors(self, req, headers)

@@ -1,0 +1,168 @@
+-- app:eventsource(url, opts): the browser's EventSource for Lua, on app:fetch (stream =
+-- true), the C parser and app:sleep. Its methods wait, so they run in an app coroutine
+-- (a stream's generator, a function given to app:spawn).
+--
+-- The WHATWG processing model: events are dispatched as the parser completes them; after
+-- a drop the source reconnects, sending Last-Event-ID, after the retry delay (the
+-- server's `retry:` replaces it), with jitter, doubling on repeated failures up to
+-- max_retry; it stops for good on 204, on any other status than 200, or on a Content-Type
+-- other than text/event-stream. A source with a method other than GET or a body (an LLM
+-- API) does not reconnect.
+local core = require("sse.core")
+
+local M = {}
+
+local EventSource = {}
+EventSource.__index = EventSource
+EventSource.__name = "sse.eventsource"
+
+local OPTIONS = {
+  headers = "table", last_event_id = "string", method = "string", body = "string|table",
+  reconnect = "boolean", retry = "number", max_retry = "number", timeout = "number",
+}
+
+local random, min, floor = math.random, math.min, math.floor
+
+function M.new(app, url, opts)
+  if type(url) ~= "string" then
+    error("app:eventsource: url must be a string", 3)
+  end
+  opts = opts or {}
+  for k, v in pairs(opts) do
+    local want = OPTIONS[k]
+    if not want then error("app:eventsource: unknown option '" .. tostring(k) .. "'", 3) end
+    if not want:find(type(v), 1, true) then
+      error("app:eventsource: option '" .. k .. "' must be a " .. want:gsub("|", " or "), 3)
+    end
+  end
+  local once = (opts.method and opts.method:upper() ~= "GET") or opts.body ~= nil
+  return setmetatable({
+    url = url,
+    status = "connecting",
+    last_event_id = opts.last_event_id or "",
+    retry = opts.retry or 3000,
+    _app = app,
+    _opts = opts,
+    _reconnect = opts.reconnect ~= false and not once,
+    _max_retry = opts.max_retry or 30000,
+    _failures = 0,          -- connection attempts in a row that gave no event
+    _queue = {}, _head = 1,
+    _res = nil, _parser = nil,
+    _err = nil,
+  }, EventSource)
+end
+
+local function request_headers(self)
+  local h = { Accept = "text/event-stream", ["Cache-Control"] = "no-cache" }
+  for k, v in pairs(self._opts.headers or {}) do h[k] = v end
+  if self.last_event_id ~= "" then h["Last-Event-ID"] = self.last_event_id end
+  return h
+end
+
+local function close_for_good(self, err)
+  self.status = "closed"
+  self._err = err
+  if self._res then self._res:close() self._res = nil end
+end
+
+-- Waits the reconnection delay: retry, doubled per failure in a row, capped, with up to
+-- 20 % jitter (so that many clients of a restarted server do not all come back at once).
+local function wait_to_reconnect(self)
+  local delay = min(self.retry * 2 ^ self._failures, self._max_retry)
+  delay = delay * (0.9 + 0.2 * random())
+  self.status = "connecting"
+  return self._app:sleep(floor(delay) / 1000)
+end
+
+-- One connection attempt: true, or false to try again later, or nil when closed for good.
+local function connect(self)
+  local o = self._opts
+  local res, err = self._app:fetch(self.url, {
+    stream = true, headers = request_headers(self), method = o.method, body = o.body,
+    timeout = o.timeout,
+  })
+  if not res then
+    if not self._reconnect then close_for_good(self, err) return nil end
+    self._err = err
+    return false
+  end
+  if res.status == 204 then
+    res:close()
+    close_for_good(self, "the server answered 204: no more events")
+    return nil
+  end
+  if res.status ~= 200 then
+    res:close()
+    close_for_good(self, "the server answered HTTP " .. res.status)
+    return nil
+  end
+  local ctype = (res.headers["content-type"] or ""):match("^%s*([^;%s]+)") or ""
+  if ctype:lower() ~= "text/event-stream" then
+    res:close()
+    close_for_good(self, "the server answered Content-Type " .. (ctype ~= "" and ctype or "(none)") ..
+      ", not text/event-stream")
+    return nil
+  end
+  self._res, self._parser, self.status = res, core.parser(), "open"
+  return true
+end
+
+-- Takes the events this piece completes; the parser keeps what is unfinished.
+local function feed(self, piece)
+  local p = self._parser
+  for _, ev in ipairs(p:feed(piece)) do
+    -- ev.id is the id in force at this event on this connection; the source's last event
+    -- id lives across connections, and a new connection's parser starts without one
+    if ev.id ~= "" then self.last_event_id = ev.id end
+    ev.id = self.last_event_id
+    self._queue[#self._queue + 1] = ev
+  end
+  if p.retry then self.retry = p.retry end
+end
+
+-- src:next() -> { event, data, id } | nil, err: waits for the next event; nil once the
+-- source has ended for good (err says why).
+function EventSource:next()
+  while true do
+    local q = self._queue
+    if self._head <= #q then
+      local ev = q[self._head]
+      q[self._head] = nil
+      self._head = self._head + 1
+      if self._head > #q then self._queue, self._head = {}, 1 end
+      self._failures = 0
+      return ev
+    end
+    if self.status == "closed" then return nil, self._err end
+    if not self._res then
+      local ok = connect(self)
+      if ok == false then
+        self._failures = self._failures + 1
+        if not wait_to_reconnect(self) then close_for_good(self, "closed") end
+      end
+    else
+      local piece, err = self._res:read()
+      if piece then
+        feed(self, piece)
+      else
+        self._res = nil
+        if not self._reconnect then
+          close_for_good(self, err or "the stream ended")
+        elseif not wait_to_reconnect(self) then
+          close_for_good(self, "closed")
+        end
+      end
+    end
+  end
+end
+
+-- for ev in src:events() do ... end
+function EventSource:events()
+  return function() return (self:next()) end
+end
+
+function EventSource:close()
+  if self.status ~= "closed" then close_for_good(self, "closed by the program") end
+end
+
+return M
