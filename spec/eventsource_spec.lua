@@ -3,13 +3,7 @@
 -- the server's retry, stop for good on 204, another status, or another Content-Type.
 local client = require("support.client")
 
--- Runs fn in an app coroutine and steps the app until it returns; gives its results.
-local function in_app(app, fn, timeout)
-  local out
-  app:spawn(function() out = table.pack(fn()) end)
-  client.wait(app, function() return out ~= nil end, timeout or 5, "the app coroutine")
-  return table.unpack(out, 1, out.n)
-end
+local in_app = client.in_app
 
 describe("app:eventsource", function()
   after_each(function() client.cleanup() end)

@@ -530,6 +530,15 @@ function M.write_file(path, content)
   f:close()
 end
 
+-- Runs fn in an app coroutine (app:spawn) and steps the app until it returns; gives its
+-- results. For what only an app coroutine may do: app:fetch, app:sleep, app:eventsource.
+function M.in_app(app, fn, timeout)
+  local out
+  app:spawn(function() out = table.pack(fn()) end)
+  M.wait(app, function() return out ~= nil end, timeout or 5, "the app coroutine")
+  return table.unpack(out, 1, out.n)
+end
+
 -- Descriptors a process has open (pid: a number, default this process).
 function M.fd_count(pid)
   local p = io.popen("ls /proc/" .. tostring(pid or "self") .. "/fd 2>/dev/null | wc -l")
