@@ -69,6 +69,24 @@ describe("app coroutines", function()
     assert.has_error(function() app:sleep(-1) end)
   end)
 
+  it("timer callbacks run as app coroutines: they may wait, and their errors are logged as timer errors", function()
+    local app, logs = client.app()
+    local steps = {}
+    app:after(0, function(timer)
+      steps[#steps + 1] = "fired"
+      assert.is_true(app:sleep(0.05))
+      steps[#steps + 1] = "waited"
+      assert.is_false(timer:active())
+    end)
+    local n = 0
+    local every
+    every = app:every(0.01, function() n = n + 1 if n == 3 then every:cancel() error("tick-boom-9") end end)
+    client.wait(app, function() return #steps == 2 and n == 3 end, 3, "both timers")
+    assert.are.same({ "fired", "waited" }, steps)
+    local entry = client.find_log(logs, "timer", "tick-boom-9")
+    assert.truthy(entry, client.show_logs(logs))
+  end)
+
   it("a script with no routes does its work under app:run() and stops", function()
     local app = client.app()
     local ticks = 0

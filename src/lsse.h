@@ -168,6 +168,9 @@ lsse_task *lsse_task_current(lsse_server *b, lua_State *L);
  * server:sleep(seconds): the current app coroutine waits; raises outside of one. */
 int  lsse_server_spawn(lua_State *L);
 int  lsse_server_sleep(lua_State *L);
+/* A timer's callback and its nargs arguments, on top of b->L, run now as an app coroutine
+ * (so it may wait: app:sleep, app:fetch); an error is logged as "timer: ...". */
+void lsse_task_run_timer(lsse_server *b, int nargs);
 void lsse_open_task(lua_State *L);   /* registers the spawned coroutines' class */
 
 /* ---- lsse_http.c: app:fetch ---- */

@@ -188,29 +188,42 @@ static void spawned_ended(lsse_task *t, int ok)
 }
 
 static const lsse_task_ops spawned_ops = { .what = "spawn", .ended = spawned_ended };
+static const lsse_task_ops timer_ops = { .what = "timer", .ended = spawned_ended };
+
+/* A new anchored task on L's state; fn and its nargs arguments are moved into it. */
+static lsse_spawned *new_spawned(lua_State *L, lsse_server *b, int nargs, const lsse_task_ops *ops)
+{
+    lsse_spawned *s = lua_newuserdatauv(L, sizeof *s, 2);
+    lua_State *co = lua_newthread(L);
+    lua_setiuservalue(L, -2, 1);
+    lsse_push_server(L, b);
+    lua_setiuservalue(L, -2, 2);
+    luaL_setmetatable(L, SPAWNED_MT);
+    lsse_task_init(&s->task, b, co, ops);
+    s->self_ref = lsse_anchor(L, b);        /* pops the userdata: anchored now */
+    lua_xmove(L, co, nargs + 1);            /* fn and its arguments */
+    return s;
+}
 
 int lsse_server_spawn(lua_State *L)
 {
     lsse_server *b = lsse_check_server(L, 1);
     luaL_checktype(L, 2, LUA_TFUNCTION);
     int nargs = lua_gettop(L) - 2;
-    lsse_spawned *s = lua_newuserdatauv(L, sizeof *s, 2);
-    lua_State *co = lua_newthread(L);
-    lua_setiuservalue(L, -2, 1);
-    lua_pushvalue(L, 1);
-    lua_setiuservalue(L, -2, 2);
-    luaL_setmetatable(L, SPAWNED_MT);
-    lsse_task_init(&s->task, b, co, &spawned_ops);
-    lua_pushvalue(L, -1);
-    s->self_ref = lsse_anchor(L, b);
-    lua_pop(L, 1);                          /* the userdata: anchored now */
-    lua_xmove(L, co, nargs + 1);            /* fn and its arguments */
+    lsse_spawned *s = new_spawned(L, b, nargs, &spawned_ops);
     /* Not at once: the caller (a handler, a generator...) goes on first, and the
      * coroutine starts from the loop, in the next turn. */
     s->task.start_nargs = nargs;
     if (sse_timer_start(b->loop, &s->task.timer, 0, 0) != 0)
         return luaL_error(L, "app:spawn: out of memory");
     return 0;
+}
+
+void lsse_task_run_timer(lsse_server *b, int nargs)
+{
+    lsse_spawned *s = new_spawned(b->L, b, nargs, &timer_ops);
+    s->task.started = 1;
+    resume(&s->task, nargs);
 }
 
 int lsse_server_sleep(lua_State *L)

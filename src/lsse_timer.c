@@ -1,4 +1,5 @@
-/* The timer class: server:timer(after, every, fn), behind app:every and app:after.
+/* The timer class: server:timer(after, every, fn), behind app:every and app:after. Each
+ * call of fn runs as an app coroutine (lsse_task_run_timer), so it may wait.
  * A timer keeps its server userdata alive (user value 2), so t->b is always valid; it is
  * anchored while armed, and released in one place (fired once, or cancelled). */
 #include "lsse.h"
@@ -24,9 +25,10 @@ static void on_timer(sse_timer *st)
     lsse_push_anchored(L, b, t->self_ref);
     lua_getiuservalue(L, -1, 1);
     lua_insert(L, -2);
-    /* One-shot: disarmed before the call, so it may be collected once the call ends. */
+    /* One-shot: disarmed before the call, so it may be collected once the call ends
+     * (a callback still waiting holds the timer as its argument). */
     int once = !sse_timer_active(&t->t);
-    lsse_pcall(b, L, 1, "timer");
+    lsse_task_run_timer(b, 1);
     if (once && !sse_timer_active(&t->t))
         release_timer(t, L);
 }
