@@ -36,6 +36,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "proc.h"
+
 #define NS 1000000000LL
 #define MS 1000000LL
 #define CYCLE_TIMEOUT_NS (5 * NS)
@@ -80,20 +82,6 @@ static int64_t now_ns(void)
 
 /* ---- the server, from /proc ---- */
 
-static long proc_rss_kb(int pid)
-{
-    char path[64], line[256];
-    snprintf(path, sizeof path, "/proc/%d/status", pid);
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return -1;
-    long kb = -1;
-    while (fgets(line, sizeof line, f))
-        if (sscanf(line, "VmRSS: %ld", &kb) == 1)
-            break;
-    fclose(f);
-    return kb;
-}
 
 static long proc_fds(int pid)
 {

@@ -38,6 +38,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "proc.h"
+
 #define HEAD_MAX  8192
 #define MAX_PUBS  16
 #define STALL_NS  (10 * NS)      /* all published, nothing arriving: the rest is lost */
@@ -650,20 +652,6 @@ static double proc_cpu_s(int pid)
     return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
 }
 
-static long proc_rss_kb(int pid)
-{
-    char path[64], line[256];
-    long kb = -1;
-    snprintf(path, sizeof path, "/proc/%d/status", pid);
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return -1;
-    while (fgets(line, sizeof line, f))
-        if (sscanf(line, "VmRSS: %ld", &kb) == 1)
-            break;
-    fclose(f);
-    return kb;
-}
 
 static double self_cpu_s(void)
 {
