@@ -327,9 +327,12 @@ void lsse_open_http(lua_State *L)
     lsse_class(L, RESPONSE_MT, methods, meta);
 }
 
-/* Reads opts (a table at idx, or nil) into rq; header lines are made on the stack. */
-static void check_fetch_opts(lua_State *L, int idx, sse_http_request *rq, const char **lines)
+/* Reads opts (a table at idx, or nil) into rq and *streamed; header lines are made on
+ * the stack. */
+static void check_fetch_opts(lua_State *L, int idx, sse_http_request *rq, const char **lines,
+                             int *streamed)
 {
+    *streamed = 0;
     if (lua_isnoneornil(L, idx))
         return;
     luaL_checktype(L, idx, LUA_TTABLE);
@@ -349,6 +352,7 @@ static void check_fetch_opts(lua_State *L, int idx, sse_http_request *rq, const 
         rq->ca_file = luaL_checkstring(L, -1);
     rq->follow_redirects = lua_getfield(L, idx, "redirects") != LUA_TNIL && lua_toboolean(L, -1);
     if (lua_getfield(L, idx, "stream") != LUA_TNIL && lua_toboolean(L, -1)) {
+        *streamed = 1;
         if (lua_getfield(L, idx, "timeout") == LUA_TNIL)
             rq->timeout_ms = 0;   /* a stream lasts as long as it lasts */
         rq->max_size = 0;         /* bounded by what is unread instead */
@@ -377,7 +381,8 @@ int lsse_server_fetch(lua_State *L)
     sse_http_request rq = { .url = luaL_checkstring(L, 2), .timeout_ms = 30000,
                             .max_size = 16u << 20 };
     const char *lines[MAX_REQUEST_HEADERS];
-    check_fetch_opts(L, 3, &rq, lines);
+    int streamed;
+    check_fetch_opts(L, 3, &rq, lines, &streamed);
     rq.headers = lines;
     lsse_task *t = lsse_task_current(b, L);
     if (!t)
@@ -390,8 +395,7 @@ int lsse_server_fetch(lua_State *L)
         return luaL_error(L, "app:fetch: out of memory");
     f->b = b;
     f->task = t;
-    f->streamed = !lua_isnoneornil(L, 3) && lua_getfield(L, 3, "stream") != LUA_TNIL &&
-                  lua_toboolean(L, -1);
+    f->streamed = streamed;
     const char *err = NULL;
     f->tr = sse_http_start(b->http, &rq, &handler, f, &err);
     if (!f->tr) {
