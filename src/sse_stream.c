@@ -321,7 +321,6 @@ void sse_stream_completed(sse_stream *st)
 }
 
 void sse_stream_response_done(sse_stream *st) { unref(st); }
-sse_stream_state sse_stream_state_of(const sse_stream *st) { return st->state; }
 void *sse_stream_conn(const sse_stream *st) { return st->conn; }
 
 /* ---- for the binding and channels ---- */

@@ -106,7 +106,6 @@ void    sse_stream_suspended(sse_stream *st);
 void    sse_stream_hangup(sse_stream *st);          /* the client closed or reset */
 void    sse_stream_completed(sse_stream *st);       /* libmicrohttpd is done with it */
 void    sse_stream_response_done(sse_stream *st);   /* drops the response's reference */
-sse_stream_state sse_stream_state_of(const sse_stream *st);
 void   *sse_stream_conn(const sse_stream *st);      /* the server's handle, or NULL */
 
 /* --- for the binding and channels --- */
