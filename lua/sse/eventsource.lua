@@ -46,9 +46,11 @@ function M.new(app, url, opts)
     _reconnect = opts.reconnect ~= false and not once,
     _max_retry = opts.max_retry or 30000,
     _failures = 0,          -- connection attempts in a row that gave no event
+    _wait = false,          -- the reconnection delay is due before the next attempt
     _queue = {}, _head = 1,
     _res = nil, _parser = nil,
     _err = nil,
+    http_status = nil,      -- the status of the latest attempt's response (nil: none)
   }, EventSource)
 end
 
@@ -77,15 +79,22 @@ end
 -- One connection attempt: true, or false to try again later, or nil when closed for good.
 local function connect(self)
   local o = self._opts
+  self.status = "connecting"
   local res, err = self._app:fetch(self.url, {
     stream = true, headers = request_headers(self), method = o.method, body = o.body,
     timeout = o.timeout,
   })
+  if self.status == "closed" then        -- closed by the program meanwhile
+    if res then res:close() end
+    return nil
+  end
   if not res then
+    self.http_status = nil
     if not self._reconnect then close_for_good(self, err) return nil end
     self._err = err
     return false
   end
+  self.http_status = res.status
   if res.status == 204 then
     res:close()
     close_for_good(self, "the server answered 204: no more events")
@@ -103,8 +112,24 @@ local function connect(self)
       ", not text/event-stream")
     return nil
   end
-  self._res, self._parser, self.status = res, core.parser(), "open"
+  self._res, self._parser, self.status, self._err = res, core.parser(), "open", nil
   return true
+end
+
+-- The next connection attempt, after the reconnection delay when one is due: true (open),
+-- false (failed, the source will try again), nil (closed for good).
+local function attempt(self)
+  if self._wait then
+    self._wait = false
+    if not wait_to_reconnect(self) then close_for_good(self, "closed") return nil end
+    if self.status == "closed" then return nil end
+  end
+  local ok = connect(self)
+  if ok == false then
+    self._failures = self._failures + 1
+    self._wait = true
+  end
+  return ok
 end
 
 -- Takes the events this piece completes; the parser keeps what is unfinished.
@@ -135,24 +160,35 @@ function EventSource:next()
     end
     if self.status == "closed" then return nil, self._err end
     if not self._res then
-      local ok = connect(self)
-      if ok == false then
-        self._failures = self._failures + 1
-        if not wait_to_reconnect(self) then close_for_good(self, "closed") end
-      end
+      attempt(self)
     else
       local piece, err = self._res:read()
       if piece then
         feed(self, piece)
-      else
+      elseif self.status ~= "closed" then
         self._res = nil
         if not self._reconnect then
           close_for_good(self, err or "the stream ended")
-        elseif not wait_to_reconnect(self) then
-          close_for_good(self, "closed")
+        else
+          self.status, self._wait = "connecting", true
         end
       end
     end
+  end
+end
+
+-- src:connect() -> true | nil, err: waits until the source is open, or until its current
+-- connection attempt failed (err as next() would give it). True at once when the source is
+-- open or has events queued. After a failure the source is still usable (next() reconnects)
+-- unless it closed for good (src.status == "closed": 204, another status, another
+-- Content-Type, a source that does not reconnect).
+function EventSource:connect()
+  while true do
+    if self._head <= #self._queue or (self.status == "open" and self._res) then return true end
+    if self.status == "closed" then return nil, self._err end
+    local ok = attempt(self)
+    if ok then return true end
+    if ok == false then return nil, self._err end
   end
 end
 
@@ -161,8 +197,11 @@ function EventSource:events()
   return function() return (self:next()) end
 end
 
+-- src:close(): ends the source for good; events not yet taken are dropped (a closed
+-- EventSource dispatches nothing more).
 function EventSource:close()
   if self.status ~= "closed" then close_for_good(self, "closed by the program") end
+  self._queue, self._head = {}, 1
 end
 
 return M
