@@ -61,7 +61,7 @@ describe("app coroutines", function()
   it("app:sleep outside an app coroutine raises a clear error; bad arguments raise", function()
     local app = client.app()
     assert.has_error(function() app:sleep(0.01) end,
-      "app:sleep: not in an app coroutine (a stream's generator or a function given to app:spawn): nothing here can wait on the loop")
+      "app:sleep: not in an app coroutine (a handler, a before hook, a stream's generator or accept, a timer callback, a function given to app:spawn): nothing here can wait on the loop")
     local co = coroutine.wrap(function() return pcall(app.sleep, app, 0.01) end)
     local ok = co()
     assert.is_false(ok, "a plain coroutine of the user's cannot wait on the loop")

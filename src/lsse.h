@@ -3,7 +3,8 @@
  *   lsse_core.c     luaopen_sse_core; lsse_class (how every class is built); anchors;
  *                   the log path and protected calls every hook uses
  *   lsse_task.c     the scheduler of app coroutines: resume, errors, what each waits for
- *   lsse_server.c   the server object, request dispatch (admit, dispatch, responses)
+ *   lsse_server.c   the server object
+ *   lsse_request.c  requests: the req table, responses, handlers as coroutines
  *   lsse_stream.c   the stream class and a stream's life in the binding
  *   lsse_timer.c    the timer class (server:timer)
  *   lsse_channel.c  the channel class and channel streams (app:stream(path, channel))
@@ -217,6 +218,11 @@ void lsse_write_first(sse_stream *st, int format, long long retry);
 /* The sink that queues a channel's shared chunks on st. */
 sse_sink lsse_stream_sink(sse_stream *st);
 
+/* ---- lsse_request.c: the request hooks of sse_server ---- */
+void lsse_admit_hook(void *ud, sse_request *r);     /* admit(req), before the body */
+void lsse_request_hook(void *ud, sse_request *r);   /* dispatch(req) as a handler task */
+void lsse_request_gone(void *ud, sse_request *r);   /* a waiting handler's client left */
+void lsse_open_request(lua_State *L);               /* registers the handler tasks' class */
 /* ---- lsse_server.c ---- */
 
 /* Adds the server constructor, and every class, to the table on top of the stack. */

@@ -1,11 +1,9 @@
-/* The server object and request dispatch.
+/* The server object: options, listen, step, shutdown, signals.
  *
  * Lua runs only from the hooks of sse_server and sse_loop, all of them inside step()
  * (or close) on the thread that called it, each under lsse_pcall: an error in user
- * code is logged and contained. A request goes to the app's admit function (before its
- * body is read) and its dispatch function, whose answer is a response (status, body,
- * headers), a generator stream (lsse_stream.c) or a channel stream (lsse_channel.c).
- * Ownership of every binding object: lsse.h.
+ * code is logged and contained. Requests: lsse_request.c. Ownership of every binding
+ * object: lsse.h.
  */
 #include "lsse.h"
 #include "sse_server.h"
@@ -16,257 +14,15 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_HEADERS 64
-
-/* ---- requests ---- */
-
-/* Query parameters: req.query has the first value of each name (what most code wants),
- * req.query_all every value, in order: ?a=1&a=2 gives query.a = "1", query_all.a = {"1","2"}. */
-struct query_ctx { lua_State *L; int query, all; };
-
-static void set_query(void *ud, const char *key, const char *value, size_t len)
-{
-    struct query_ctx *q = ud;
-    lua_State *L = q->L;
-    if (lua_getfield(L, q->query, key) == LUA_TNIL) {
-        lua_pushlstring(L, value, len);
-        lua_setfield(L, q->query, key);
-    }
-    lua_pop(L, 1);
-    if (lua_getfield(L, q->all, key) == LUA_TNIL) {
-        lua_pop(L, 1);
-        lua_newtable(L);
-        lua_pushvalue(L, -1);
-        lua_setfield(L, q->all, key);
-    }
-    lua_pushlstring(L, value, len);
-    lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
-    lua_pop(L, 1);
-}
-
-static void set_header(void *ud, const char *key, const char *value, size_t len)
-{
-    lua_State *L = ud;
-    size_t klen = strlen(key);
-    luaL_Buffer buf;
-    char *p = luaL_buffinitsize(L, &buf, klen);
-    for (size_t i = 0; i < klen; i++)
-        p[i] = (char)((key[i] >= 'A' && key[i] <= 'Z') ? key[i] + 32 : key[i]);
-    luaL_pushresultsize(&buf, klen);
-    /* Repeated headers are joined with ", " as RFC 9110 allows for lists. */
-    lua_pushvalue(L, -1);
-    if (lua_rawget(L, -3) == LUA_TSTRING) {
-        lua_pushliteral(L, ", ");
-        lua_pushlstring(L, value, len);
-        lua_concat(L, 3);
-    } else {
-        lua_pop(L, 1);
-        lua_pushlstring(L, value, len);
-    }
-    lua_rawset(L, -3);
-}
-
-/* One header of the table being walked: raises with the reason when MHD could not send it. */
-static void check_header(lua_State *L, const char *name, int vidx, sse_header *h, size_t *n)
-{
-    if (lua_type(L, vidx) != LUA_TSTRING)
-        luaL_error(L, "headers: the value of '%s' must be a string or a list of strings", name);
-    const char *value = lua_tostring(L, vidx);
-    if (strpbrk(value, "\r\n") || lua_rawlen(L, vidx) != strlen(value))
-        luaL_error(L, "headers: the value of '%s' contains CR, LF or NUL", name);
-    if (!*value)   /* libmicrohttpd 0.9.75 refuses to send an empty value */
-        luaL_error(L, "headers: the value of '%s' is empty", name);
-    if (*n == MAX_HEADERS)
-        luaL_error(L, "headers: more than %d", MAX_HEADERS);
-    h[*n].name = name;
-    h[*n].value = value;   /* anchored by the table (strings only, no conversion) */
-    (*n)++;
-}
-
-/* Reads a { name = value | { value, ... } } table at idx into h: a list sends the header
- * once per value (two Set-Cookie). Names must be tokens; values strings without CR, LF
- * or NUL. Returns the count. */
-static size_t check_headers(lua_State *L, int idx, sse_header *h)
-{
-    size_t n = 0;
-    if (lua_isnoneornil(L, idx))
-        return 0;
-    luaL_checktype(L, idx, LUA_TTABLE);
-    lua_pushnil(L);
-    while (lua_next(L, idx)) {
-        if (lua_type(L, -2) != LUA_TSTRING)
-            luaL_error(L, "headers: names must be strings");
-        const char *name = lua_tostring(L, -2);
-        if (!*name || strpbrk(name, "\r\n: \t") || lua_rawlen(L, -2) != strlen(name))
-            luaL_error(L, "headers: invalid header name '%s'", name);
-        if (lua_type(L, -1) == LUA_TTABLE) {
-            lua_Integer count = (lua_Integer)lua_rawlen(L, -1);
-            for (lua_Integer i = 1; i <= count; i++) {
-                lua_rawgeti(L, -1, i);
-                check_header(L, name, lua_gettop(L), h, &n);
-                lua_pop(L, 1);
-            }
-        } else {
-            check_header(L, name, lua_gettop(L), h, &n);
-        }
-        lua_pop(L, 1);
-    }
-    return n;
-}
-
-/* Pushes the req table: method, path, remote_addr, headers, query, query_all. */
-static void push_request(lua_State *L, sse_request *r)
-{
-    lua_createtable(L, 0, 10);
-    lua_pushstring(L, sse_request_method(r));
-    lua_setfield(L, -2, "method");
-    lua_pushstring(L, sse_request_path(r));
-    lua_setfield(L, -2, "path");
-    lua_pushstring(L, sse_request_peer(r));
-    lua_setfield(L, -2, "remote_addr");
-    lua_newtable(L);
-    sse_request_headers(r, set_header, L);
-    lua_setfield(L, -2, "headers");
-    lua_newtable(L);
-    lua_newtable(L);
-    struct query_ctx q = { L, lua_gettop(L) - 1, lua_gettop(L) };
-    sse_request_query(r, set_query, &q);
-    lua_setfield(L, -3, "query_all");
-    lua_setfield(L, -2, "query");
-}
-
-/* A complete response from the values at 1..3 (status, body, headers). */
-static void respond(lua_State *L, lsse_server *b, sse_request *r)
-{
-    sse_header h[MAX_HEADERS];
-    int status = (int)luaL_checkinteger(L, 1);
-    if (luaL_testudata(L, 2, FILE_MT)) {   /* sent from its descriptor by MHD */
-        lsse_respond_file(L, r, status, h, check_headers(L, 3, h), 2);
-        return;
-    }
-    size_t len = 0;
-    const char *body = lua_isnil(L, 2) ? NULL : luaL_checklstring(L, 2, &len);
-    size_t nh = check_headers(L, 3, h);
-    if (sse_request_respond(r, status, h, nh, body, len) != 0)
-        luaL_error(L, "%s %s: libmicrohttpd refused the response (status %d)",
-                   sse_request_method(r), sse_request_path(r), status);
-}
-
-/* admit(req) returns nothing (read the body) or  status, body, headers. */
-static int handle_admit(lua_State *L)
-{
-    lsse_server *b = lua_touserdata(L, 1);
-    sse_request *r = lua_touserdata(L, 2);
-    lua_settop(L, 0);
-    lsse_push_anchored(L, b, b->admit_ref);
-    push_request(L, r);
-    lua_pushinteger(L, (lua_Integer)sse_request_body_length(r));
-    lua_setfield(L, -2, "body_length");
-    lua_call(L, 1, 3);
-    if (!lua_isnil(L, 1))
-        respond(L, b, r);
-    return 0;
-}
-
-/* Runs handler(b, r) protected, when the facade gave the function at ref (admit or
- * dispatch) and the server is not being collected. */
-static void call_request_hook(lsse_server *b, sse_request *r, int ref, lua_CFunction handler)
-{
-    lua_State *L = b->L;
-    if (b->finalizing || ref == LUA_NOREF)
-        return;
-    lua_pushcfunction(L, handler);
-    lua_pushlightuserdata(L, b);
-    lua_pushlightuserdata(L, r);
-    lsse_pcall(b, L, 2, "request");
-}
-
-static void hook_admit(void *ud, sse_request *r)
-{
-    lsse_server *b = ud;
-    call_request_hook(b, r, b->admit_ref, handle_admit);
-}
-
-/* A stream's opts = { headers = {...}, heartbeat = seconds or false, retry = ms,
- * format = "sse" | "ndjson", gzip = bool }, at idx, into *so (its headers into h), *format
- * and *retry. Leaves the values so points into on the stack (above idx). */
-static void check_stream_opts(lua_State *L, int idx, sse_header *h, sse_stream_opts *so,
-                              int *format, lua_Integer *retry)
-{
-    luaL_checktype(L, idx, LUA_TTABLE);
-    int top = lua_gettop(L);
-    lua_getfield(L, idx, "headers");
-    size_t nh = check_headers(L, top + 1, h);
-    lua_getfield(L, idx, "heartbeat");
-    lua_Number hb = lua_toboolean(L, top + 2) ? luaL_checknumber(L, top + 2) : 0;
-    lua_getfield(L, idx, "retry");
-    *retry = lua_isnil(L, top + 3) ? -1 : luaL_checkinteger(L, top + 3);
-    lua_getfield(L, idx, "format");
-    *format = lua_isnil(L, top + 4) ? SSE_FORMAT_SSE
-            : strcmp(luaL_checkstring(L, top + 4), "ndjson") == 0 ? SSE_FORMAT_NDJSON
-            : SSE_FORMAT_SSE;
-    lua_getfield(L, idx, "gzip");
-    *so = (sse_stream_opts){
-        .headers = h,
-        .nheaders = nh,
-        .heartbeat_ms = hb > 0 ? (unsigned)llround(hb * 1000.0) : 0,
-        .heartbeat = *format == SSE_FORMAT_NDJSON ? "\n" : ":\n\n",
-        .gzip = lua_toboolean(L, top + 5),
-    };
-}
-
-/* dispatch(req) returns  status, body, headers  or  fn, req, opts  (a generator stream)
- * or  channel, req, opts  (a channel stream). */
-static int handle_request(lua_State *L)
-{
-    lsse_server *b = lua_touserdata(L, 1);
-    sse_request *r = lua_touserdata(L, 2);
-    lua_settop(L, 0);
-    lsse_push_anchored(L, b, b->dispatch_ref);
-    push_request(L, r);
-    size_t blen;
-    const char *body = sse_request_body(r, &blen);
-    if (body) {
-        lua_pushlstring(L, body, blen);
-        lua_setfield(L, -2, "body");
-    }
-    lua_call(L, 1, 3);
-
-    if (lua_type(L, 1) == LUA_TNUMBER) {
-        respond(L, b, r);
-        return 0;
-    }
-    sse_header h[MAX_HEADERS];
-    sse_stream_opts so;
-    int format;
-    lua_Integer retry;
-    check_stream_opts(L, 3, h, &so, &format, &retry);
-    lua_settop(L, 3);   /* the header strings stay anchored by the opts table */
-    if (lua_type(L, 1) != LUA_TFUNCTION) {   /* a channel */
-        lua_getfield(L, 2, "last_event_id");
-        size_t len = 0;
-        const char *last = lua_tolstring(L, -1, &len);
-        lsse_channel_stream(L, r, 1, &so, format, retry, last, len);
-        return 0;
-    }
-    lsse_stream_start(L, b, r, 1, 2, &so, format, retry);
-    return 0;
-}
-
-static void hook_request(void *ud, sse_request *r)
-{
-    lsse_server *b = ud;
-    call_request_hook(b, r, b->dispatch_ref, handle_request);
-}
-
 static void hook_log(void *ud, int level, const char *msg)
 {
     lsse_log(ud, level, msg);
 }
 
 static const sse_server_hooks hooks = {
-    .admit = hook_admit,
-    .request = hook_request,
+    .admit = lsse_admit_hook,
+    .request = lsse_request_hook,
+    .request_gone = lsse_request_gone,
     .stream_ready = lsse_stream_ready,
     .stream_closed = lsse_stream_closed,
     .log = hook_log,
@@ -486,6 +242,7 @@ void lsse_open_server(lua_State *L)
     };
     lsse_class(L, SERVER_MT, methods, meta);
     lsse_open_task(L);
+    lsse_open_request(L);
     lsse_open_http(L);
     lsse_open_stream(L);
     lsse_open_timer(L);

@@ -6,7 +6,9 @@
  * stream:send): the values a resume passes become their results, true when the wait
  * ended, nil, "closed" when its owner went away. A coroutine that yields by itself
  * (coroutine.yield() with no wait set) is given a turn again after the others, by a
- * 0 ms timer. Today the tasks are stream generators; nothing here knows streams.
+ * 0 ms timer. The tasks are stream generators (lsse_stream.c), request handlers
+ * (lsse_request.c), spawned functions and timer callbacks (below); nothing here knows
+ * what owns them.
  */
 #include "lsse.h"
 
@@ -20,8 +22,6 @@ static void on_timer(sse_timer *tm)
     if (t->start_nargs >= 0) {    /* a spawned task's first turn */
         int n = t->start_nargs;
         t->start_nargs = -1;
-    t->io = NULL;
-    t->io_cancel = NULL;
         t->started = 1;
         resume(t, n);
         return;
@@ -80,10 +80,10 @@ static void resume(lsse_task *t, int nargs)
     }
     if (rc != LUA_OK)
         log_error(t);
-    lua_settop(t->co, 0);
     t->wait = WAIT_FOREVER;  /* finished: nothing may resume it again */
-    if (t->ops->ended)
+    if (t->ops->ended)       /* what the function returned is on t->co's stack */
         t->ops->ended(t, rc == LUA_OK);
+    lua_settop(t->co, 0);
 }
 
 void lsse_task_start(lsse_task *t, int nargs)
@@ -95,6 +95,8 @@ void lsse_task_start(lsse_task *t, int nargs)
 
 int lsse_task_sleep(lua_State *L, lsse_task *t, uint64_t ms)
 {
+    if (t->cancelled)        /* its owner is gone: no timer may wake it any more */
+        return lsse_task_closed(L, t);
     t->wait = WAIT_SLEEP;
     sse_timer_start(t->b->loop, &t->timer, ms, 0);
     return lua_yield(L, 0);
@@ -233,8 +235,9 @@ int lsse_server_sleep(lua_State *L)
     luaL_argcheck(L, secs >= 0 && secs < 1e9, 2, "seconds must be between 0 and 1e9");
     lsse_task *t = lsse_task_current(b, L);
     if (!t)
-        return luaL_error(L, "app:sleep: not in an app coroutine (a stream's generator or a "
-                             "function given to app:spawn): nothing here can wait on the loop");
+        return luaL_error(L, "app:sleep: not in an app coroutine (a handler, a before hook, a "
+                             "stream's generator or accept, a timer callback, a function given "
+                             "to app:spawn): nothing here can wait on the loop");
     return lsse_task_sleep(L, t, (uint64_t)(secs * 1000.0 + 0.5));
 }
 

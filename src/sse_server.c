@@ -109,6 +109,7 @@ struct sse_conn {
     sse_watch              hup;        /* EPOLLRDHUP on its socket; fd = -1 when not watched */
     int                    peer_closed; /* the client has sent its FIN */
     sse_stream            *stream;     /* the stream it carries, if any */
+    sse_request           *deferred;   /* its request, while the binding answers it later */
     int                    decoded_nul; /* the last percent-decoding MHD asked of us made a
                                           NUL; MHD decodes the path last, so at the access
                                           handler this says whether the path has one */
@@ -137,6 +138,7 @@ struct sse_server {
     sse_burst          per_ip_burst;
     sse_burst          accept_burst;
     int64_t            mhd_zero_since; /* MHD has asked to run at once since (us), or 0 */
+    sse_request       *deferred;       /* requests whose answer comes later (sse_request_defer) */
     unsigned           responding;     /* requests answered (not streams), not completed */
     int                conn_closed;    /* a connection closed during this MHD_run */
     int                peer_closed;    /* a client without a stream sent its FIN */
@@ -155,6 +157,10 @@ struct sse_request {
     unsigned               held_status;
     struct MHD_Response   *held_answer; /* held by publisher backpressure (answer_or_hold) */
     sse_request           *held_next;
+    int                    deferred;    /* on srv->deferred: suspended until answered */
+    int                    gone;        /* deferred, and its client hung up: never answered */
+    sse_request           *dprev, *dnext;
+    void                  *ud;          /* the binding's, while deferred */
     sse_stream            *stream;
     sse_conn              *c;
     uint64_t               body_length; /* announced by Content-Length */
@@ -367,6 +373,49 @@ static void uncount_ip(sse_conn *c)
     free(c->ip);
 }
 
+/* ---- deferred requests: answered after the request hook has returned ---- */
+
+static void undefer(sse_request *r)
+{
+    sse_server *srv = r->srv;
+    if (r->dprev)
+        r->dprev->dnext = r->dnext;
+    else
+        srv->deferred = r->dnext;
+    if (r->dnext)
+        r->dnext->dprev = r->dprev;
+    r->dprev = r->dnext = NULL;
+    r->deferred = 0;
+    if (r->c)
+        r->c->deferred = NULL;
+}
+
+/* A deferred request's client hung up (or the server is stopping): the binding is told
+ * and forgets r; the connection is resumed and, with no answer, closed by MHD at its
+ * next call of on_access. */
+static void request_gone(sse_request *r)
+{
+    sse_server *srv = r->srv;
+    undefer(r);
+    r->gone = 1;
+    if (srv->cfg.hooks->request_gone)
+        srv->cfg.hooks->request_gone(srv->cfg.ud, r);
+    MHD_resume_connection(r->conn);
+    srv->resume_pending = 1;
+}
+
+/* After MHD_queue_response on a deferred request (its connection suspended: MHD 0.9.75
+ * takes a response for a suspended connection, docs/libmicrohttpd.md): resume it, so
+ * the next MHD_run sends the answer. */
+static void answered_later(sse_request *r)
+{
+    if (!r->deferred)
+        return;
+    undefer(r);
+    MHD_resume_connection(r->conn);
+    r->srv->resume_pending = 1;
+}
+
 /* The client sent its FIN (or reset). MHD 0.9.75 does not always see it: when the FIN
  * comes with the last bytes it reads, it reads less than it asked for, takes the socket
  * for drained and waits for an edge that never comes, so the connection would sit in
@@ -379,11 +428,12 @@ static void on_conn_hangup(sse_watch *w, uint32_t events)
     sse_loop_unwatch(c->srv->loop, &c->hup);
     c->hup.fd = -1;
     c->peer_closed = 1;
-    if (c->stream) {
+    if (c->stream)
         sse_stream_hangup(c->stream);
-    } else {
+    else if (c->deferred)
+        request_gone(c->deferred);
+    else
         c->srv->peer_closed = 1;
-    }
 }
 
 /* Connections waiting for a request whose client has closed: once MHD has read all
@@ -766,6 +816,8 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const c
         *upload_size = 0;
         return MHD_YES;
     }
+    if (r->gone)                 /* resumed with no answer: its client left */
+        return MHD_NO;
     if (r->held_answer) {        /* resumed after the batch: answer now */
         MHD_queue_response(conn, r->held_status, r->held_answer);
         MHD_destroy_response(r->held_answer);
@@ -784,7 +836,7 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const c
     srv->current = NULL;
     if (srv->streams.wrote)      /* it published: counted until the next batch */
         srv->publishers++;
-    if (!r->answered && queue_plain(r, 500, "internal server error\n") != 0)
+    if (!r->answered && !r->deferred && queue_plain(r, 500, "internal server error\n") != 0)
         return MHD_NO;           /* not even that: MHD closes the connection */
     return MHD_YES;
 }
@@ -807,6 +859,11 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         conn_deadline(r->c, &srv->idle);
     if (r->held_answer)
         MHD_destroy_response(r->held_answer);
+    if (r->deferred) {           /* not expected: MHD closes no suspended connection */
+        undefer(r);
+        if (srv->cfg.hooks->request_gone)
+            srv->cfg.hooks->request_gone(srv->cfg.ud, r);
+    }
     sse_buf_free(&r->body);
     free(r);
     *con_cls = NULL;
@@ -874,13 +931,14 @@ static int answer_or_hold(sse_request *r, int status, struct MHD_Response *resp,
     if (ok != MHD_YES)
         return -1;
     request_answered(r, 0);
+    answered_later(r);
     return 0;
 }
 
 /* 1xx are the protocol's own (100-continue, upgrades), never a final answer. */
 static int answerable(const sse_request *r, int status)
 {
-    return !r->answered && status >= 200 && status <= 999;
+    return !r->answered && !r->gone && status >= 200 && status <= 999;
 }
 
 int sse_request_respond(sse_request *r, int status, const sse_header *h, size_t nh,
@@ -921,7 +979,7 @@ sse_stream *sse_request_stream(sse_request *r, const sse_stream_opts *o)
     const sse_header *h = o->headers;
     size_t nh = o->nheaders;
     sse_server *srv = r->srv;
-    if (r->answered)
+    if (r->answered || r->gone)
         return NULL;
     sse_stream *st = sse_stream_new(&srv->streams, o->heartbeat_ms, o->heartbeat, o->gzip, r->peer);
     if (!st)
@@ -955,8 +1013,31 @@ sse_stream *sse_request_stream(sse_request *r, const sse_stream_opts *o)
     if (r->c)
         r->c->stream = st;
     sse_stream_started(st, r->conn, r->c ? r->c->fd : -1, r->c && r->c->peer_closed);
+    answered_later(r);
     return st;
 }
+
+int sse_request_defer(sse_request *r, void *ud)
+{
+    sse_server *srv = r->srv;
+    if (r->answered || r->deferred || r->gone || srv->current != r)
+        return -1;
+    r->deferred = 1;
+    r->ud = ud;
+    r->dnext = srv->deferred;
+    if (srv->deferred)
+        srv->deferred->dprev = r;
+    srv->deferred = r;
+    if (r->c) {
+        conn_unlist(r->c);       /* the app's handler decides how long it takes */
+        r->c->deferred = r;
+    }
+    MHD_suspend_connection(r->conn);
+    return 0;
+}
+
+void *sse_request_ud(const sse_request *r) { return r->ud; }
+int sse_request_answered(const sse_request *r) { return r->answered; }
 
 /* ---- the daemon ---- */
 
@@ -1177,7 +1258,7 @@ void sse_server_shutdown(sse_server *srv, unsigned drain_ms)
     sse_loop_now_update(srv->loop);
     uint64_t deadline = sse_loop_now(srv->loop) + drain_ms;
     sse_server_run(srv);
-    while (srv->streams.live && sse_loop_now(srv->loop) < deadline) {
+    while ((srv->streams.live || srv->deferred) && sse_loop_now(srv->loop) < deadline) {
         int64_t wait = (int64_t)(deadline - sse_loop_now(srv->loop)) * 1000;
         int64_t t = sse_server_timeout(srv);
         if (t >= 0 && t < wait)
@@ -1189,6 +1270,10 @@ void sse_server_shutdown(sse_server *srv, unsigned drain_ms)
     sse_streams_wake_all(&srv->streams);
     sse_streams_resume(&srv->streams, resume_stream, srv);
     release_answers(srv);
+    if (srv->deferred)
+        slog(srv, SSE_LOG_WARN, "shutdown: closing requests whose handlers did not return in %u ms", drain_ms);
+    while (srv->deferred)
+        request_gone(srv->deferred);
     if (srv->streams.live)
         slog(srv, SSE_LOG_WARN, "shutdown: closing streams that did not drain in %u ms", drain_ms);
     sse_loop_unwatch(srv->loop, &srv->mhd_watch);

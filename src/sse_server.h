@@ -28,8 +28,13 @@ typedef struct sse_server_hooks {
      * the request hook runs once the body is in. Runs inside MHD_run. Optional. */
     void (*admit)(void *ud, sse_request *r);
     /* A complete request (headers and body). Runs inside MHD_run: it must answer with
-     * sse_request_respond or sse_request_stream; if it does neither the client gets 500. */
+     * sse_request_respond or sse_request_stream, or defer the answer (sse_request_defer);
+     * if it does none of them the client gets 500. */
     void (*request)(void *ud, sse_request *r);
+    /* A deferred request (sse_request_defer) will never be answered: its client hung up,
+     * or the server is stopping. r is freed afterwards: the binding forgets it here.
+     * Runs outside MHD_run. */
+    void (*request_gone)(void *ud, sse_request *r);
     /* The stream's writer may run: just started, or its queue drained below the low-water
      * mark after sse_stream_want_drain. Runs outside MHD_run. */
     void (*stream_ready)(void *ud, sse_stream *s);
@@ -73,7 +78,7 @@ void sse_server_run(sse_server *s);
  * drain_ms for clients to finish, then stop the daemon. Runs the loop itself. */
 void sse_server_shutdown(sse_server *s, unsigned drain_ms);
 
-/* --- requests (valid only inside the request hook) --- */
+/* --- requests (valid inside the request hook; a deferred one until it is answered) --- */
 typedef void (*sse_kv_cb)(void *ud, const char *key, const char *value, size_t value_len);
 const char *sse_request_method(const sse_request *r);
 const char *sse_request_path(const sse_request *r);        /* percent-decoded, no query */
@@ -106,5 +111,14 @@ typedef struct sse_stream_opts {
                                         and sends Content-Encoding) */
 } sse_stream_opts;
 sse_stream *sse_request_stream(sse_request *r, const sse_stream_opts *o);
+
+/* From the request hook: the answer comes later. The connection is suspended (no
+ * deadline: the app decides how long its handler takes) and r stays valid until it is
+ * answered (sse_request_respond, _respond_file or _stream, from anywhere on the loop's
+ * thread) or the request_gone hook runs. ud is the binding's (sse_request_ud). 0, or -1
+ * if r is already answered or this is not its hook. */
+int   sse_request_defer(sse_request *r, void *ud);
+void *sse_request_ud(const sse_request *r);
+int   sse_request_answered(const sse_request *r);
 
 #endif
