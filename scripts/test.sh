@@ -40,7 +40,7 @@ fi
 # (exit status 99) counts here, the specs themselves were counted above.
 valgrind -q --error-exitcode=99 --leak-check=full --show-leak-kinds=definite,indirect \
   --errors-for-leak-kinds=definite,indirect lua5.4 /usr/bin/busted -o TAP \
-  spec/server_spec.lua spec/stream_spec.lua spec/channel_spec.lua >"$log/memcheck" 2>&1
+  spec/server_spec.lua spec/stream_spec.lua spec/channel_spec.lua spec/handler_spec.lua >"$log/memcheck" 2>&1
 if [[ $? == 99 ]]; then
   grep -E '^==[0-9]+==' "$log/memcheck" | head -60
   echo "memcheck: valgrind found errors in the server specs"; failed=$((failed + 1))
