@@ -137,35 +137,29 @@ static int hold(sse_subscriber *sb, uint64_t seq, sse_chunk *c)
     return 0;
 }
 
-uint64_t sse_channel_publish(sse_channel *ch, const sse_event *ev)
+/* The value of the "id: " line of an encoded event (NULL: none), inside the chunk's own
+ * bytes so the history needs no copy. Fields start lines: data never holds a newline. */
+static const char *sent_id(const sse_chunk *c, size_t *len)
 {
-    uint64_t seq = ++ch->ids->seq;
-    sse_event e = *ev;
-    char num[48];
-    if (!e.id) {
-        e.id_len = (size_t)snprintf(num, sizeof num, "%llu-%llu",
-                                    (unsigned long long)ch->ids->epoch, (unsigned long long)seq);
-        e.id = num;
-    }
-    size_t n = sse_frame_size(&e);
-    sse_chunk *c = sse_chunk_new(n);
-    sse_chunk *nd = c ? sse_chunk_new(sse_frame_ndjson_size(&e)) : NULL;
-    if (!nd) {
-        sse_chunk_unref(c);
-        return 0;
-    }
-    c->len = sse_frame_write(&e, c->data);
-    nd->len = sse_frame_ndjson_write(&e, nd->data);
-    /* The id as sent, found inside the encoded bytes so the history needs no copy. */
-    const char *sent_id = NULL;
-    size_t sent_len = e.id_len;
-    for (size_t i = 0; i + 4 + e.id_len <= c->len; i++) {
+    for (size_t i = 0; i + 4 <= c->len; i++) {
         if ((i == 0 || c->data[i - 1] == '\n') && memcmp(c->data + i, "id: ", 4) == 0) {
-            sent_id = c->data + i + 4;
-            break;
+            const char *id = c->data + i + 4;
+            const char *end = memchr(id, '\n', c->len - i - 4);
+            *len = end ? (size_t)(end - id) : c->len - i - 4;
+            return id;
         }
     }
-    remember(ch, seq, c, nd, sent_id, sent_len);
+    *len = 0;
+    return NULL;
+}
+
+void sse_channel_deliver(sse_channel *ch, uint64_t seq, sse_chunk *c, sse_chunk *nd)
+{
+    if (seq > ch->ids->seq)
+        ch->ids->seq = seq;
+    size_t id_len;
+    const char *id = sent_id(c, &id_len);
+    remember(ch, seq, c, nd, id, id_len);
     for (unsigned i = 0; i < ch->nsubs; i++) {
         sse_subscriber *sb = ch->subs[i]->owner;
         sse_chunk *mine = sb->format == SSE_FORMAT_NDJSON ? nd : c;
@@ -175,6 +169,51 @@ uint64_t sse_channel_publish(sse_channel *ch, const sse_event *ev)
         else
             push(sb, mine);
     }
+}
+
+void sse_channel_broadcast(sse_channel *ch, sse_chunk *c, sse_chunk *nd)
+{
+    for (unsigned i = 0; i < ch->nsubs; i++) {
+        sse_subscriber *sb = ch->subs[i]->owner;
+        push(sb, sb->format == SSE_FORMAT_NDJSON ? nd : c);
+    }
+}
+
+void sse_channel_forget(sse_channel *ch, uint64_t dropped)
+{
+    for (unsigned i = 0; i < ch->count; i++) {
+        sse_chunk_unref(hist_at(ch, i)->chunk);
+        sse_chunk_unref(hist_at(ch, i)->nd);
+    }
+    ch->head = ch->count = 0;
+    ch->dropped = dropped;
+}
+
+void sse_channel_set_dropped(sse_channel *ch, uint64_t dropped)
+{
+    if (dropped > ch->dropped)
+        ch->dropped = dropped;
+}
+
+uint64_t sse_channel_publish(sse_channel *ch, const sse_event *ev)
+{
+    uint64_t seq = ch->ids->seq + 1;
+    sse_event e = *ev;
+    char num[48];
+    if (!e.id) {
+        e.id_len = (size_t)snprintf(num, sizeof num, "%llu-%llu",
+                                    (unsigned long long)ch->ids->epoch, (unsigned long long)seq);
+        e.id = num;
+    }
+    sse_chunk *c = sse_chunk_new(sse_frame_size(&e));
+    sse_chunk *nd = c ? sse_chunk_new(sse_frame_ndjson_size(&e)) : NULL;
+    if (!nd) {
+        sse_chunk_unref(c);
+        return 0;
+    }
+    c->len = sse_frame_write(&e, c->data);
+    nd->len = sse_frame_ndjson_write(&e, nd->data);
+    sse_channel_deliver(ch, seq, c, nd);
     sse_chunk_unref(nd);
     sse_chunk_unref(c);
     return seq;

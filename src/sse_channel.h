@@ -128,6 +128,18 @@ unsigned     sse_channel_history(const sse_channel *ch);
  * ev must have passed sse_frame_validate. */
 uint64_t sse_channel_publish(sse_channel *ch, const sse_event *ev);
 
+/* The backend's half, for a broker (sse_broker.c) that appends and orders events
+ * elsewhere. deliver: an event the backend has placed at seq (increasing across the
+ * app), encoded in both forms (c, nd: the subscribers take their own references), is
+ * kept and sent to every subscriber, as a publish would; ids->seq follows. broadcast:
+ * sends c/nd to every subscriber now, kept nowhere (a gap event). forget: drops the
+ * history (the backend lost it) and marks everything up to `dropped` as gone.
+ * set_dropped: events up to `dropped` are no longer kept by the backend. */
+void sse_channel_deliver(sse_channel *ch, uint64_t seq, sse_chunk *c, sse_chunk *nd);
+void sse_channel_broadcast(sse_channel *ch, sse_chunk *c, sse_chunk *nd);
+void sse_channel_forget(sse_channel *ch, uint64_t dropped);
+void sse_channel_set_dropped(sse_channel *ch, uint64_t dropped);
+
 /* What a subscription with this last event id would replay. last_id NULL: nothing
  * (a fresh client). *after receives the sequence number to replay after; the return
  * value is the count of kept events after it, and *missed is 1 when events after it
