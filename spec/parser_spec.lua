@@ -168,4 +168,95 @@ describe("sse.parser", function()
     assert.is_false(ok)
     assert.truthy(err:find("sse.parser expected", 1, true), err)
   end)
+  it("starts with the last_event_id given (a reconnecting EventSource's)", function()
+    local p = sse.parser({ last_event_id = "41" })
+    assert.equal("41", p.last_event_id)
+    assert.same({ ev("a", nil, "41"), ev("b") }, p:feed("data: a\n\nid\ndata: b\n\n"))
+    assert.equal("", p.last_event_id)
+    assert.has_error(function() sse.parser({ last_event_id = "a\nb" }) end,
+      "sse.parser: option 'last_event_id' must not contain CR, LF or NUL")
+    assert.has_error(function() sse.parser({ last_event_id = 5 }) end,
+      "sse.parser: option 'last_event_id' must be a string")
+  end)
+
+  describe("with bounds", function()
+    it("starts without bounds; max_line and max_event are read back", function()
+      local p = sse.parser()
+      assert.is_nil(p.max_line)
+      assert.is_nil(p.max_event)
+      assert.is_false(p.failed)
+      local q = sse.parser({ max_line = 10, max_event = 20 })
+      assert.equal(10, q.max_line)
+      assert.equal(20, q.max_event)
+    end)
+
+    it("a line longer than max_line: the events before it, then the error, in any chunking", function()
+      local input = "id: 1\ndata: a\n\ndata: 12345\n\ndata: b\n\n"
+      for _, ch in ipairs(chunkings(input)) do
+        local p = sse.parser({ max_line = 10 })
+        local events, err, at = {}, nil, 0
+        for _, cut in ipairs(ch[2]) do
+          local evs, e = p:feed(input:sub(at + 1, cut))
+          for _, x in ipairs(evs) do events[#events + 1] = x end
+          err = err or e
+          at = cut
+        end
+        assert.same({ ev("a", nil, "1") }, events, ch[1])
+        assert.equal("line longer than 10 bytes", err, ch[1])
+        assert.is_true(p.failed, ch[1])
+        assert.equal("1", p.last_event_id, ch[1])
+      end
+    end)
+
+    it("fails as soon as max_line bytes of a line are in, without its line end", function()
+      local p = sse.parser({ max_line = 1000 })
+      local evs, err = p:feed(("x"):rep(1000))
+      assert.same({}, evs)
+      assert.is_nil(err)
+      evs, err = p:feed("x")
+      assert.same({}, evs)
+      assert.equal("line longer than 1000 bytes", err)
+      -- final: every later feed fails the same way and dispatches nothing
+      evs, err = p:feed("\n\ndata: a\n\n")
+      assert.same({}, evs)
+      assert.equal("line longer than 1000 bytes", err)
+    end)
+
+    it("an event's data longer than max_event fails at the data line that passes it", function()
+      local p = sse.parser({ max_event = 8 })
+      local evs, err = p:feed("data: 1234\ndata: 567\n\n")        -- "1234\n567": 8 bytes
+      assert.same({ ev("1234\n567") }, evs)
+      assert.is_nil(err)
+      evs, err = p:feed("data: 1234\ndata: 5678\n")
+      assert.same({}, evs)
+      assert.equal("event data longer than 8 bytes", err)
+    end)
+
+    it("10 MB of one line in 64 KiB feeds fails at 1 MiB and holds no more", function()
+      local p = sse.parser({ max_line = 1048576 })
+      local chunk = ("x"):rep(65536)
+      local fed, err = 0, nil
+      collectgarbage()
+      local before = collectgarbage("count")
+      p:feed("data: ")
+      while fed < 10e6 and not err do
+        local _
+        _, err = p:feed(chunk)
+        fed = fed + #chunk
+      end
+      assert.equal("line longer than 1048576 bytes", err)
+      assert.is_true(fed <= 1048576 + 65536, "failed only after " .. fed .. " bytes")
+      assert.is_true(collectgarbage("count") - before < 4096, "Lua memory grew")
+    end)
+
+    it("refuses bad options", function()
+      assert.has_error(function() sse.parser({ max_line = 0 }) end,
+        "sse.parser: option 'max_line' must be a positive integer (bytes)")
+      assert.has_error(function() sse.parser({ max_event = 1.5 }) end,
+        "sse.parser: option 'max_event' must be a positive integer (bytes)")
+      assert.has_error(function() sse.parser({ max_lines = 5 }) end,
+        "sse.parser: unknown option 'max_lines'")
+      assert.has_error(function() sse.parser(5) end)
+    end)
+  end)
 end)

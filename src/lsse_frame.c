@@ -224,13 +224,57 @@ static int l_comment(lua_State *L)
     return 1;
 }
 
-/* The parser is held by value in its userdata: unlike a stream it is never shared
+/* A bound of sse.parser's options: nil (none), or a positive integer. */
+static size_t parser_bound(lua_State *L, int idx, const char *name)
+{
+    if (lua_getfield(L, idx, name) == LUA_TNIL) {
+        lua_pop(L, 1);
+        return 0;
+    }
+    int isint;
+    lua_Integer n = lua_tointegerx(L, -1, &isint);
+    if (!isint || n < 1)
+        luaL_error(L, "sse.parser: option '%s' must be a positive integer (bytes)", name);
+    lua_pop(L, 1);
+    return (size_t)n;
+}
+
+/* sse.parser([opts]): opts.max_line, opts.max_event (bytes; none by default),
+ * opts.last_event_id (the id in force from the start; "" by default).
+ * The parser is held by value in its userdata: unlike a stream it is never shared
  * with libmicrohttpd, so nothing can outlive the Lua object. */
 static int l_parser(lua_State *L)
 {
+    size_t max_line = 0, max_event = 0, id_len = 0;
+    const char *id = NULL;
+    if (!lua_isnoneornil(L, 1)) {
+        luaL_checktype(L, 1, LUA_TTABLE);
+        lua_pushnil(L);
+        while (lua_next(L, 1)) {
+            const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
+            if (!k || (strcmp(k, "max_line") != 0 && strcmp(k, "max_event") != 0 &&
+                       strcmp(k, "last_event_id") != 0))
+                luaL_error(L, "sse.parser: unknown option '%s'", luaL_tolstring(L, -2, NULL));
+            lua_pop(L, 1);
+        }
+        max_line = parser_bound(L, 1, "max_line");
+        max_event = parser_bound(L, 1, "max_event");
+        if (lua_getfield(L, 1, "last_event_id") != LUA_TNIL) {
+            if (lua_type(L, -1) != LUA_TSTRING)
+                luaL_error(L, "sse.parser: option 'last_event_id' must be a string");
+            id = lua_tolstring(L, -1, &id_len);   /* the options table keeps it alive */
+            if (memchr(id, '\0', id_len) || memchr(id, '\r', id_len) || memchr(id, '\n', id_len))
+                luaL_error(L, "sse.parser: option 'last_event_id' must not contain CR, LF or NUL");
+        }
+        lua_pop(L, 1);
+    }
     sse_parser *p = lua_newuserdatauv(L, sizeof *p, 0);
     sse_parser_init(p);
-    luaL_setmetatable(L, PARSER_MT);
+    p->max_line = max_line;
+    p->max_event = max_event;
+    luaL_setmetatable(L, PARSER_MT);   /* from here __gc frees what the parser holds */
+    if (id_len && sse_parser_set_last_id(p, id, id_len))
+        return luaL_error(L, "sse.parser: not enough memory");
     return 1;
 }
 
@@ -267,10 +311,20 @@ static int l_parser_feed(lua_State *L)
     int rc = sse_parser_feed(p, bytes, len, push_event, &c);
     if (rc == -ENOMEM)
         return luaL_error(L, "parser:feed: not enough memory");
+    /* A bound that failed: the events before it, then why (this feed and every later one). */
+    if (rc == SSE_PARSER_ELINE) {
+        lua_pushfstring(L, "line longer than %I bytes", (lua_Integer)p->max_line);
+        return 2;
+    }
+    if (rc == SSE_PARSER_EEVENT) {
+        lua_pushfstring(L, "event data longer than %I bytes", (lua_Integer)p->max_event);
+        return 2;
+    }
     return 1;
 }
 
-/* Computed fields: retry (nil until the stream set one), last_event_id. */
+/* Computed fields: retry (nil until the stream set one), last_event_id, max_line and
+ * max_event (nil: none), failed (true once a bound failed). */
 static int l_parser_get(lua_State *L)
 {
     sse_parser *p = luaL_checkudata(L, 1, PARSER_MT);
@@ -282,6 +336,14 @@ static int l_parser_get(lua_State *L)
             lua_pushinteger(L, (lua_Integer)p->retry);
     } else if (strcmp(k, "last_event_id") == 0) {
         lua_pushlstring(L, p->last_id.len ? p->last_id.data : "", p->last_id.len);
+    } else if (strcmp(k, "max_line") == 0 || strcmp(k, "max_event") == 0) {
+        size_t n = k[4] == 'l' ? p->max_line : p->max_event;
+        if (n)
+            lua_pushinteger(L, (lua_Integer)n);
+        else
+            lua_pushnil(L);
+    } else if (strcmp(k, "failed") == 0) {
+        lua_pushboolean(L, p->error != 0);
     } else {
         lua_pushnil(L);
     }

@@ -27,11 +27,25 @@ static int buf_set(sse_buf *b, const char *s, size_t n)
     return sse_buf_append(b, s, n);
 }
 
+int sse_parser_set_last_id(sse_parser *p, const char *id, size_t len)
+{
+    int rc = buf_set(&p->id, id, len);
+    return rc ? rc : buf_set(&p->last_id, id, len);
+}
+
 /* An empty sse_buf has no storage; callers get "" rather than NULL so that they can
  * hand the pointer to memcpy/memcmp/lua_pushlstring without a special case. */
 static const char *buf_str(const sse_buf *b)
 {
     return b->len ? b->data : "";
+}
+
+/* Appends to the unfinished line, within max_line. */
+static int line_append(sse_parser *p, const char *s, size_t n)
+{
+    if (p->max_line && n > p->max_line - p->line.len)
+        return SSE_PARSER_ELINE;
+    return sse_buf_append(&p->line, s, n);
 }
 
 static int field_is(const char *name, size_t n, const char *lit, size_t lit_len)
@@ -92,6 +106,11 @@ static int process_line(sse_parser *p, const char *s, size_t n, sse_parser_cb cb
     }
 
     if (field_is(s, name_len, "data", 4)) {
+        /* data.len counts an LF per earlier line, so this is the data the event would
+         * have if it ended here */
+        if (p->max_event &&
+            (p->data.len > p->max_event || value_len > p->max_event - p->data.len))
+            return SSE_PARSER_EEVENT;
         int rc = sse_buf_reserve(&p->data, value_len + 1);
         if (rc)
             return rc;
@@ -113,7 +132,24 @@ static int process_line(sse_parser *p, const char *s, size_t n, sse_parser_cb cb
     return 0;
 }
 
+static int feed(sse_parser *p, const char *bytes, size_t len, sse_parser_cb cb, void *ud);
+
 int sse_parser_feed(sse_parser *p, const char *bytes, size_t len, sse_parser_cb cb, void *ud)
+{
+    if (p->error)
+        return p->error;
+    int rc = feed(p, bytes, len, cb, ud);
+    if (rc == SSE_PARSER_ELINE || rc == SSE_PARSER_EEVENT) {
+        /* Final: what the stream sent so far is of no further use. */
+        p->error = rc;
+        sse_buf_free(&p->line);
+        sse_buf_free(&p->data);
+        sse_buf_free(&p->event);
+    }
+    return rc;
+}
+
+static int feed(sse_parser *p, const char *bytes, size_t len, sse_parser_cb cb, void *ud)
 {
     if (len == 0)
         return 0;
@@ -128,7 +164,7 @@ int sse_parser_feed(sse_parser *p, const char *bytes, size_t len, sse_parser_cb 
             if (++p->state_bom == 3)
                 p->state_bom = -1;
         } else {
-            rc = sse_buf_append(&p->line, BOM, (size_t)p->state_bom);
+            rc = line_append(p, BOM, (size_t)p->state_bom);
             if (rc)
                 return rc;
             p->state_bom = -1;
@@ -160,7 +196,7 @@ int sse_parser_feed(sse_parser *p, const char *bytes, size_t len, sse_parser_cb 
         }
         const char *brk = cr < lf ? cr : lf;
         if (brk == end)
-            return sse_buf_append(&p->line, s, (size_t)(end - s));
+            return line_append(p, s, (size_t)(end - s));
 
         const char *line = s;
         size_t n = (size_t)(brk - s);
@@ -176,12 +212,14 @@ int sse_parser_feed(sse_parser *p, const char *bytes, size_t len, sse_parser_cb 
             /* The line began in an earlier feed: complete it in the line buffer, and
              * empty the buffer before the callback can stop or raise (the memory,
              * which process_line does not touch, stays valid until the next append). */
-            rc = sse_buf_append(&p->line, line, n);
+            rc = line_append(p, line, n);
             if (rc)
                 return rc;
             size_t total = p->line.len;
             p->line.len = 0;
             rc = process_line(p, p->line.data, total, cb, ud);
+        } else if (p->max_line && n > p->max_line) {
+            rc = SSE_PARSER_ELINE;
         } else {
             rc = process_line(p, line, n, cb, ud);
         }

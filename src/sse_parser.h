@@ -12,6 +12,17 @@
  *     type is reset); otherwise the final LF is removed and the event is reported with
  *     type (default "message"), data and the last event id in force;
  *   - bytes after the last blank line are kept until more arrive (never dispatched at EOF).
+ * Optional bounds (0: none, the default), so that a hostile stream cannot make the parser
+ * hold more than about max_line + max_event bytes:
+ *   - max_line: a line (its bytes without the CR/LF, a partial BOM included) longer than
+ *     this fails the feed with SSE_PARSER_ELINE, as soon as that many bytes of it have
+ *     arrived (the line end need not come);
+ *   - max_event: an event whose data (its data: values joined with LF) would be longer
+ *     than this fails the feed with SSE_PARSER_EEVENT, at the data: line that passes it.
+ * A failure is final: the buffers are released and every later feed returns the same
+ * error. The events before the failing line are dispatched, and with the same events
+ * whatever the chunking (lines are processed in order; the bound is checked on the line's
+ * length so far, which only grows).
  * Plain C, no Lua. Any chunking of the input gives the same events.
  */
 #ifndef SSE_PARSER_H
@@ -31,7 +42,15 @@ typedef struct sse_parser {
                                   id: not yet followed by one is not in force (it is what a
                                   reconnecting browser sends as Last-Event-ID) */
     long long retry;           /* reconnection time in ms, -1 until a valid retry: is seen */
+    size_t    max_line;        /* bytes a line may have; 0: no bound */
+    size_t    max_event;       /* bytes an event's data may have; 0: no bound */
+    int       error;           /* 0, or the bound that failed (final) */
 } sse_parser;
+
+/* Feed results besides 0, -ENOMEM and a callback's value (callbacks should return
+ * positive values to stop, so that these stay distinct). */
+#define SSE_PARSER_ELINE  (-1001)   /* a line longer than max_line */
+#define SSE_PARSER_EEVENT (-1002)   /* an event's data longer than max_event */
 
 /* Called for each dispatched event. Pointers are valid only during the call.
  * Return 0 to go on, non-zero to stop feeding (sse_parser_feed then returns that value). */
@@ -40,10 +59,17 @@ typedef int (*sse_parser_cb)(void *ud,
                              const char *data,  size_t data_len,
                              const char *id,    size_t id_len);
 
+/* An empty parser at the start of a stream, with no bounds: set p->max_line and
+ * p->max_event after it (before the first feed). */
 void sse_parser_init(sse_parser *p);
 void sse_parser_free(sse_parser *p);
 
-/* Feeds bytes; calls cb for each event they complete. 0, -ENOMEM, or the callback's non-zero. */
+/* Starts the stream with a last event id in force (an EventSource reconnecting keeps the
+ * one it had: events with no id: line report it). 0 or -ENOMEM. */
+int sse_parser_set_last_id(sse_parser *p, const char *id, size_t len);
+
+/* Feeds bytes; calls cb for each event they complete. 0, -ENOMEM, SSE_PARSER_ELINE,
+ * SSE_PARSER_EEVENT (final: see above), or the callback's non-zero. */
 int sse_parser_feed(sse_parser *p, const char *bytes, size_t len, sse_parser_cb cb, void *ud);
 
 #endif

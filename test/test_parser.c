@@ -73,6 +73,12 @@ static void rec_state(rec *r, const sse_parser *p)
     snprintf(tmp, sizeof tmp, "retry=%lld last_id=", p->retry);
     rec_put(r, tmp, strlen(tmp));
     rec_escaped(r, p->last_id.len ? p->last_id.data : "", p->last_id.len);
+    if (p->error == SSE_PARSER_ELINE)
+        rec_put(r, " ELINE", 6);
+    else if (p->error == SSE_PARSER_EEVENT)
+        rec_put(r, " EEVENT", 7);
+    else if (p->error)
+        rec_put(r, " E?", 3);
 }
 
 typedef struct pcase {
@@ -81,6 +87,12 @@ typedef struct pcase {
     size_t      in_len;   /* 0: strlen(in) */
     const char *want;     /* events then state, as recorded */
 } pcase;
+
+/* A case with the parser's bounds set. */
+typedef struct bcase {
+    pcase  c;
+    size_t max_line, max_event;   /* 0: none */
+} bcase;
 
 #define BIN(s) s, sizeof(s) - 1
 
@@ -172,21 +184,55 @@ static const pcase cases[] = {
       "update|{\"a\":1}\\nx|42\nretry=10 last_id=42" },
     { "many events", "data: 1\n\ndata: 2\r\n\r\nevent: e\rdata: 3\r\r", 0,
       "message|1|\nmessage|2|\ne|3|\nretry=-1 last_id=" },
+
+};
+
+/* Bounds: the events before the failing line, then the error, whatever the chunking. */
+static const bcase bounded[] = {
+    { { "line of max_line bytes is fine", "data: 1234\n\n", 0,
+          "message|1234|\nretry=-1 last_id=" }, 10, 0 },
+    { { "line over max_line fails", "data: 1\n\ndata: 12345\n\ndata: 2\n\n", 0,
+        "message|1|\nretry=-1 last_id= ELINE" }, 10, 0 },
+    { { "line over max_line fails without its line end", "data: 1\n\ndata: 12345", 0,
+        "message|1|\nretry=-1 last_id= ELINE" }, 10, 0 },
+    { { "CRLF not counted in the line", "data: 1234\r\n\r\n", 0,
+        "message|1234|\nretry=-1 last_id=" }, 10, 0 },
+    { { "a comment line counts too", ":123456789\ndata: a\n\n", 0,
+          "retry=-1 last_id= ELINE" }, 9, 0 },
+    { { "a BOM is not counted", "\xEF\xBB\xBF" "data: 1234\n\n", 0,
+        "message|1234|\nretry=-1 last_id=" }, 10, 0 },
+    { { "a partial BOM is counted", "\xEF\xBB" "data: 12\n\n", 0,
+          "retry=-1 last_id= ELINE" }, 9, 0 },
+    { { "retry before the long line is kept", "retry: 5\nid: 3\n\ndata: 123456789", 0,
+        "retry=5 last_id=3 ELINE" }, 8, 0 },
+    { { "event data of max_event bytes is fine", "data: abc\ndata: de\n\n", 0,
+        "message|abc\\nde|\nretry=-1 last_id=" }, 0, 6 },
+    { { "event data over max_event fails", "data: a\n\ndata: abc\ndata: def\n\n", 0,
+        "message|a|\nretry=-1 last_id= EEVENT" }, 0, 6 },
+    { { "empty data lines count their LF", "data\ndata\ndata\ndata\n\n", 0,
+        "retry=-1 last_id= EEVENT" }, 0, 2 },
+    { { "max_event is per event", "data: abc\n\ndata: def\n\ndata: ghi\n\n", 0,
+        "message|abc|\nmessage|def|\nmessage|ghi|\nretry=-1 last_id=" }, 0, 3 },
 };
 
 /* Feeds `in` in pieces ending at the offsets in cuts (the last one is len), then
  * records the final state. Returns the recording (to free). */
-static char *run(const char *in, const size_t *cuts, size_t ncuts)
+static char *run(const pcase *c, size_t max_line, size_t max_event, const size_t *cuts,
+                 size_t ncuts)
 {
+    const char *in = c->in;
     sse_parser p;
     rec r = { 0 };
     size_t at = 0;
     sse_parser_init(&p);
+    p.max_line = max_line;
+    p.max_event = max_event;
     rec_put(&r, "", 0);
     for (size_t i = 0; i < ncuts; i++) {
         int rc = sse_parser_feed(&p, in + at, cuts[i] - at, on_event, &r);
-        if (rc) {
-            printf("feed returned %d\n", rc);
+        /* a failed bound is recorded with the state, and stays */
+        if (rc && rc != p.error) {
+            printf("%s: feed returned %d\n", c->name, rc);
             failed++;
         }
         at = cuts[i];
@@ -207,7 +253,7 @@ static unsigned rng(void)
     return (unsigned)(rng_state >> 32);
 }
 
-static void check_case(const pcase *c)
+static void check_case(const pcase *c, size_t max_line, size_t max_event)
 {
     size_t len = c->in_len ? c->in_len : strlen(c->in);
     size_t *cuts = malloc((len + 1) * sizeof *cuts);
@@ -215,14 +261,14 @@ static void check_case(const pcase *c)
 
     /* whole */
     cuts[0] = len;
-    got = run(c->in, cuts, 1);
+    got = run(c, max_line, max_event, cuts, 1);
     CHECK(strcmp(got, c->want) == 0, "%s (whole):\n  got  %s\n  want %s", c->name, got, c->want);
     free(got);
 
     /* a byte at a time */
     for (size_t i = 0; i < len; i++)
         cuts[i] = i + 1;
-    got = run(c->in, cuts, len);
+    got = run(c, max_line, max_event, cuts, len);
     CHECK(strcmp(got, c->want) == 0, "%s (byte by byte):\n  got  %s\n  want %s", c->name, got,
           c->want);
     free(got);
@@ -231,7 +277,7 @@ static void check_case(const pcase *c)
     for (size_t k = 0; k <= len; k++) {
         cuts[0] = k;
         cuts[1] = len;
-        got = run(c->in, cuts, 2);
+        got = run(c, max_line, max_event, cuts, 2);
         CHECK(strcmp(got, c->want) == 0, "%s (split at %zu):\n  got  %s\n  want %s", c->name, k,
               got, c->want);
         free(got);
@@ -248,7 +294,7 @@ static void check_case(const pcase *c)
         }
         if (n == 0)
             cuts[n++] = 0;
-        got = run(c->in, cuts, n);
+        got = run(c, max_line, max_event, cuts, n);
         CHECK(strcmp(got, c->want) == 0, "%s (random chunking %d):\n  got  %s\n  want %s",
               c->name, t, got, c->want);
         free(got);
@@ -306,13 +352,90 @@ static void test_free_twice(void)
     free(r.text);
 }
 
+static void test_initial_last_id(void)
+{
+    /* A reconnecting EventSource's parser starts with the id it had: events without an
+     * id: line report it, an empty id: resets it, and it is the last id until changed. */
+    sse_parser p;
+    rec r = { 0 };
+    rec_put(&r, "", 0);
+    sse_parser_init(&p);
+    CHECK(sse_parser_set_last_id(&p, "41", 2) == 0, "set_last_id failed");
+    const char *in = "data: a\n\nid\ndata: b\n\nid: 42\n\n";
+    sse_parser_feed(&p, in, strlen(in), on_event, &r);
+    rec_state(&r, &p);
+    CHECK(strcmp(r.text, "message|a|41\nmessage|b|\nretry=-1 last_id=42") == 0,
+          "initial last id: got %s", r.text);
+    sse_parser_free(&p);
+    free(r.text);
+}
+
+static void test_bounds_hold_memory(void)
+{
+    /* 10 MB of one line in 64 KiB feeds: fails once past max_line, with the line buffer
+     * never much over the bound, and the buffers released; every later feed fails the
+     * same way without dispatching. */
+    enum { CHUNK = 65536, MAX = 1 << 20 };
+    char *chunk = malloc(CHUNK);
+    memset(chunk, 'x', CHUNK);
+    memcpy(chunk, "data: ", 6);
+    sse_parser p;
+    rec r = { 0 };
+    rec_put(&r, "", 0);
+    sse_parser_init(&p);
+    p.max_line = MAX;
+    int rc = 0;
+    size_t fed = 0, most = 0;
+    sse_parser_feed(&p, "data: a\n\n", 9, on_event, &r);
+    while (fed < 10u << 20 && rc == 0) {
+        rc = sse_parser_feed(&p, chunk, CHUNK, on_event, &r);
+        fed += CHUNK;
+        if (p.line.cap > most)
+            most = p.line.cap;
+        memset(chunk, 'x', 6);
+    }
+    CHECK(rc == SSE_PARSER_ELINE, "long line: feed returned %d", rc);
+    CHECK(fed <= MAX + CHUNK, "long line: failed only after %zu bytes", fed);
+    CHECK(most <= 2 * MAX, "long line: the line buffer reached %zu bytes", most);
+    CHECK(p.line.data == NULL && p.data.data == NULL, "long line: buffers kept after the failure");
+    rc = sse_parser_feed(&p, "\n\ndata: b\n\n", 12, on_event, &r);
+    CHECK(rc == SSE_PARSER_ELINE, "after the failure: feed returned %d", rc);
+    CHECK(strcmp(r.text, "message|a|\n") == 0, "long line: got %s", r.text);
+    sse_parser_free(&p);
+
+    /* Endless short data: lines without a blank line fail at max_event. */
+    sse_parser_init(&p);
+    p.max_event = MAX;
+    rc = 0;
+    fed = 0;
+    most = 0;
+    for (size_t i = 0; i + 10 <= CHUNK; i += 10)
+        memcpy(chunk + i, "data: 123\n", 10);
+    while (fed < 10u << 20 && rc == 0) {
+        rc = sse_parser_feed(&p, chunk, CHUNK / 10 * 10, on_event, &r);
+        fed += CHUNK / 10 * 10;
+        if (p.data.cap > most)
+            most = p.data.cap;
+    }
+    CHECK(rc == SSE_PARSER_EEVENT, "endless data: feed returned %d", rc);
+    CHECK(most <= 2 * MAX, "endless data: the data buffer reached %zu bytes", most);
+    CHECK(p.data.data == NULL, "endless data: buffer kept after the failure");
+    sse_parser_free(&p);
+    free(chunk);
+    free(r.text);
+}
+
 int main(void)
 {
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
-        check_case(&cases[i]);
+        check_case(&cases[i], 0, 0);
+    for (size_t i = 0; i < sizeof bounded / sizeof bounded[0]; i++)
+        check_case(&bounded[i].c, bounded[i].max_line, bounded[i].max_event);
     test_stop();
     test_resume_after_more_bytes();
     test_free_twice();
+    test_initial_last_id();
+    test_bounds_hold_memory();
     printf("test_parser: %d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }
