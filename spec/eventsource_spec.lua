@@ -50,10 +50,43 @@ local function in_app_with(app, srv, fn, timeout)
   return table.unpack(out, 1, out.n)
 end
 
+-- test/servers/oddframes.mjs in the background: { url, pid, count(route) }.
+local node_servers = {}
+local function node_server()
+  local h = assert(io.popen("exec 2>/dev/null; node test/servers/oddframes.mjs 0 & echo pid $!"))
+  local srv = {}
+  for _ = 1, 2 do
+    local line = h:read("l")
+    if not line then break end
+    srv.pid = srv.pid or tonumber(line:match("^pid (%d+)"))
+    srv.url = srv.url or line:match("^(http://127%.0%.0%.1:%d+)")
+  end
+  h:close()
+  assert(srv.pid and srv.url, "test/servers/oddframes.mjs did not start")
+  node_servers[#node_servers + 1] = srv
+  function srv.count(route)
+    local http = require("socket.http")
+    local body = assert(http.request(srv.url .. "/count?route=" .. route))
+    return tonumber(body:match('"count":(%d+)'))
+  end
+  return srv
+end
+
+local function stop_node_servers()
+  for _, srv in ipairs(node_servers) do os.execute("kill " .. srv.pid .. " 2>/dev/null") end
+  node_servers = {}
+end
+
+-- Resident memory of this process now, KB (VmRSS).
+local function rss_kb() return client.rss_kb() end
+
 local SSE_HEAD = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
 
 describe("app:eventsource", function()
-  after_each(function() client.cleanup() end)
+  after_each(function()
+    client.cleanup()
+    stop_node_servers()
+  end)
 
   it("gets every event, reconnects after the server's retry with Last-Event-ID, stops on 204", function()
     local app = client.app({ heartbeat = false })
@@ -220,6 +253,191 @@ describe("app:eventsource", function()
     assert.are.equal("a", a)
     assert.is_true(ok)
     assert.are.equal("b", b)
+  end)
+
+  it("reconnects after the server's retry (300 ms, with jitter) with Last-Event-ID; nothing after a 204", function()
+    local app = client.app({ heartbeat = false })
+    local requests = {}
+    app:stream("/drop", function(stream)
+      local n = #requests
+      stream:send({ id = "ev" .. n, data = "n" .. n, retry = 300 })
+      -- the stream ends here: the client reconnects
+    end, { accept = function(req)
+      requests[#requests + 1] = { at = client.gettime(), last = req.headers["last-event-id"] }
+      if #requests > 3 then return 204 end
+    end })
+    assert(app:listen())
+    local got, err, status = in_app(app, function()
+      local src = app:eventsource(app.url .. "/drop")
+      local evs = {}
+      for ev in src:events() do evs[#evs + 1] = ev.data .. "/" .. ev.id end
+      local _, why = src:next()
+      return evs, why, src.status
+    end, 15)
+    assert.same({ "n1/ev1", "n2/ev2", "n3/ev3" }, got)
+    assert.truthy(err:find("204", 1, true), err)
+    assert.are.equal("closed", status)
+    assert.are.equal(4, #requests)
+    assert.is_nil(requests[1].last)
+    for i = 2, 4 do
+      assert.are.equal("ev" .. (i - 1), requests[i].last)
+      local gap = requests[i].at - requests[i - 1].at
+      -- 300 ms less 10 % jitter at worst; a generous upper bound for a noisy machine
+      assert.is_true(gap >= 0.25, ("request %d came %.3f s after the one before"):format(i, gap))
+      assert.is_true(gap <= 1.5, ("request %d came %.3f s after the one before"):format(i, gap))
+    end
+    -- after the 204: no request over five times the retry
+    client.run_for(app, 1.5)
+    assert.are.equal(4, #requests)
+  end)
+
+  it("after a drop mid-event (Node server): the complete events, then a reconnect with Last-Event-ID", function()
+    local app = client.app({ heartbeat = false })
+    local node = node_server()
+    local got = in_app(app, function()
+      local src = app:eventsource(node.url .. "/odd/drop_mid_line", { retry = 100 })
+      local evs = {}
+      for _ = 1, 4 do
+        local ev = src:next()
+        evs[#evs + 1] = ev.data .. "/" .. ev.id
+      end
+      src:close()
+      return evs
+    end, 10)
+    -- "data: c" was cut before its line end: never dispatched
+    assert.same({ "a/9", "b/9", "a/9", "b/9" }, got)
+    assert.are.equal(2, node.count("odd/drop_mid_line"))
+  end)
+
+  it("a 10 MB upstream line: nil, 'line longer than 1048576 bytes', at once, memory bounded, no reconnect", function()
+    local app = client.app({ heartbeat = false })
+    local node = node_server()
+    collectgarbage()
+    local before, most = rss_kb(), 0
+    local out
+    app:spawn(function()
+      local src = app:eventsource(node.url .. "/longline?bytes=10000000", { retry = 50 })
+      local ev, err = src:next()
+      out = { ev = ev, err = err, status = src.status }
+    end)
+    client.wait(app, function()
+      local kb = rss_kb()
+      if kb > most then most = kb end
+      return out ~= nil
+    end, 10, "the error")
+    assert.is_nil(out.ev)
+    assert.are.equal("line longer than 1048576 bytes", out.err)
+    assert.are.equal("closed", out.status)
+    -- the line would hold 10 MB unbounded; with the bound the parser holds at most 2 MiB
+    -- and the unread response what arrived between two reads
+    assert.is_true(most - before < 8 * 1024, ("RSS grew by %d KB"):format(most - before))
+    client.run_for(app, 0.5)       -- ten times the retry: it closed for good
+    assert.are.equal(1, node.count("longline"))
+  end)
+
+  it("an event's data past max_event ends the source after the events before it", function()
+    local app = client.app({ heartbeat = false })
+    local calls = 0
+    app:stream("/big", function(stream)
+      calls = calls + 1
+      stream:send({ id = "1", data = "small" })
+      stream:send(("abcdefghi\n"):rep(200))      -- 200 data lines: 1999 bytes of data
+      stream:send("never seen")
+      stream:sleep(5)
+    end)
+    assert(app:listen())
+    local r = { in_app(app, function()
+      local src = app:eventsource(app.url .. "/big", { max_event = 1000, retry = 50 })
+      local first = src:next()
+      local none, err = src:next()
+      local ok, err2 = src:connect()
+      return first.data, none, err, src.status, ok, err2, src.last_event_id
+    end) }
+    assert.are.equal("small", r[1])
+    assert.is_nil(r[2])
+    assert.are.equal("event data longer than 1000 bytes", r[3])
+    assert.are.equal("closed", r[4])
+    assert.is_nil(r[5])
+    assert.are.equal(r[3], r[6])
+    assert.are.equal("1", r[7])
+    client.run_for(app, 0.3)
+    assert.are.equal(1, calls)
+  end)
+
+  it("a line past max_line: the events before it, then the error", function()
+    local app = client.app({ heartbeat = false })
+    app:stream("/long", function(stream)
+      stream:send("one")
+      stream:send("two")
+      stream:send(("x"):rep(200))
+      stream:sleep(5)
+    end)
+    assert(app:listen())
+    local r = { in_app(app, function()
+      local src = app:eventsource(app.url .. "/long", { max_line = 100 })
+      local a = src:next()
+      local b = src:next()
+      local none, err = src:next()
+      return a.data, b.data, none, err
+    end) }
+    assert.same({ "one", "two" }, { r[1], r[2] })
+    assert.is_nil(r[3])
+    assert.are.equal("line longer than 100 bytes", r[4])
+  end)
+
+  it("close() drops the events not yet taken", function()
+    local app = client.app({ heartbeat = false })
+    app:stream("/three", function(stream)
+      stream:send("a") stream:send("b") stream:send("c")
+      stream:sleep(5)
+    end)
+    assert(app:listen())
+    local r = { in_app(app, function()
+      local src = app:eventsource(app.url .. "/three")
+      local a = src:next()
+      src:close()
+      local none, err = src:next()
+      return a.data, none, err, src.status
+    end) }
+    assert.are.equal("a", r[1])
+    assert.is_nil(r[2])
+    assert.are.equal("closed by the program", r[3])
+    assert.are.equal("closed", r[4])
+  end)
+
+  it("keeps the last event id across connections, as browsers do (an empty id: resets it)", function()
+    local app = client.app({ heartbeat = false })
+    local bodies = {
+      "retry: 50\nid: 1\ndata: a\n\n",
+      "data: b\n\nid: 2\n\n",
+      "data: c\n\nid\ndata: d\n\n",
+      "data: e\n\n",
+    }
+    local script = {}
+    for i, body in ipairs(bodies) do script[i] = function() return SSE_HEAD .. body end end
+    script[#bodies + 1] = function() return "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n" end
+    local srv = raw_server(script)
+    local got = in_app_with(app, srv, function()
+      local src = app:eventsource(srv.url .. "/ids")
+      local evs = {}
+      for ev in src:events() do evs[#evs + 1] = ev.data .. "/" .. ev.id end
+      return evs
+    end, 10)
+    srv.close()
+    assert.same({ "a/1", "b/1", "c/2", "d/", "e/" }, got)
+    local sent = {}
+    for i, head in ipairs(srv.heads) do sent[i] = head:match("[Ll]ast%-[Ee]vent%-[Ii][Dd]: ([^\r]*)") or "-" end
+    assert.same({ "-", "1", "2", "-", "-" }, sent)
+  end)
+
+  it("refuses bad max_line, max_event and last_event_id", function()
+    local app = client.app()
+    assert.has_error(function() app:eventsource("http://x/", { max_line = 0 }) end,
+      "app:eventsource: option 'max_line' must be a positive integer (bytes)")
+    assert.has_error(function() app:eventsource("http://x/", { max_event = 2.5 }) end,
+      "app:eventsource: option 'max_event' must be a positive integer (bytes)")
+    assert.has_error(function() app:eventsource("http://x/", { last_event_id = "a\nb" }) end,
+      "app:eventsource: option 'last_event_id' must not contain CR, LF or NUL")
   end)
 
   it("raises outside an app coroutine and for bad options", function()

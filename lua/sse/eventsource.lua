@@ -2,12 +2,14 @@
 -- true), the C parser and app:sleep. Its methods wait, so they run in an app coroutine
 -- (a stream's generator, a function given to app:spawn).
 --
--- The WHATWG processing model: events are dispatched as the parser completes them; after
--- a drop the source reconnects, sending Last-Event-ID, after the retry delay (the
--- server's `retry:` replaces it), with jitter, doubling on repeated failures up to
--- max_retry; it stops for good on 204, on any other status than 200, or on a Content-Type
--- other than text/event-stream. A source with a method other than GET or a body (an LLM
--- API) does not reconnect.
+-- The WHATWG processing model (docs/eventsource.md): events are dispatched as the parser
+-- completes them; the last event id lives across connections (each connection's parser
+-- starts with it); after a drop the source reconnects, sending Last-Event-ID, after the
+-- retry delay (the server's `retry:` replaces it), with jitter, doubling on repeated
+-- failures up to max_retry; it stops for good on 204, on any other status than 200, on a
+-- Content-Type other than text/event-stream, or on a line or an event's data over its
+-- bound (max_line, max_event). A source with a method other than GET or a body (an LLM
+-- API) does not reconnect. One coroutine at a time may wait in a source's methods.
 local core = require("sse.core")
 
 local M = {}
@@ -19,7 +21,10 @@ EventSource.__name = "sse.eventsource"
 local OPTIONS = {
   headers = "table", last_event_id = "string", method = "string", body = "string|table",
   reconnect = "boolean", retry = "number", max_retry = "number", timeout = "number",
+  max_line = "number", max_event = "number",
 }
+
+local MAX_LINE, MAX_EVENT = 1 << 20, 16 << 20
 
 local random, min, floor = math.random, math.min, math.floor
 
@@ -34,6 +39,15 @@ function M.new(app, url, opts)
     if not want:find(type(v), 1, true) then
       error("app:eventsource: option '" .. k .. "' must be a " .. want:gsub("|", " or "), 3)
     end
+  end
+  for _, k in ipairs({ "max_line", "max_event" }) do
+    local v = opts[k]
+    if v ~= nil and (math.type(v) ~= "integer" or v < 1) then
+      error("app:eventsource: option '" .. k .. "' must be a positive integer (bytes)", 3)
+    end
+  end
+  if opts.last_event_id and opts.last_event_id:find("[\r\n%z]") then
+    error("app:eventsource: option 'last_event_id' must not contain CR, LF or NUL", 3)
   end
   local once = (opts.method and opts.method:upper() ~= "GET") or opts.body ~= nil
   return setmetatable({
@@ -112,7 +126,13 @@ local function connect(self)
       ", not text/event-stream")
     return nil
   end
-  self._res, self._parser, self.status, self._err = res, core.parser(), "open", nil
+  -- A new parser per connection, starting with the last event id the source has: events
+  -- with no id: line report it, as a reconnected browser's do.
+  local parser = core.parser({
+    max_line = o.max_line or MAX_LINE, max_event = o.max_event or MAX_EVENT,
+    last_event_id = self.last_event_id,
+  })
+  self._res, self._parser, self.status, self._err = res, parser, "open", nil
   return true
 end
 
@@ -132,17 +152,18 @@ local function attempt(self)
   return ok
 end
 
--- Takes the events this piece completes; the parser keeps what is unfinished.
+-- Takes the events this piece completes; the parser keeps what is unfinished. A line or
+-- an event's data over its bound ends the source for good (after the events before it).
 local function feed(self, piece)
   local p = self._parser
-  for _, ev in ipairs(p:feed(piece)) do
-    -- ev.id is the id in force at this event on this connection; the source's last event
-    -- id lives across connections, and a new connection's parser starts without one
-    if ev.id ~= "" then self.last_event_id = ev.id end
-    ev.id = self.last_event_id
+  local evs, err = p:feed(piece)
+  for _, ev in ipairs(evs) do
     self._queue[#self._queue + 1] = ev
   end
+  -- at every blank line, even one that dispatches nothing ("id: 5" then a blank line)
+  self.last_event_id = p.last_event_id
   if p.retry then self.retry = p.retry end
+  if err then close_for_good(self, err) end
 end
 
 -- src:next() -> { event, data, id } | nil, err: waits for the next event; nil once the
