@@ -321,7 +321,8 @@ local function shared(app, pattern, upstream, opts)
       -- Waits for the hub's first connection (several clients may be waiting on it).
       local deadline = timeout
       while not run.done and deadline > 0 do
-        if not app:sleep(0.01) then return end
+        -- the client left: answer anything but a stream (it is gone anyway)
+        if not app:sleep(0.01) then return plain(503, "the client left") end
         deadline = deadline - 0.01
       end
       if not run.done then
