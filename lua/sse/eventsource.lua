@@ -96,7 +96,7 @@ local function connect(self)
   self.status = "connecting"
   local res, err = self._app:fetch(self.url, {
     stream = true, headers = request_headers(self), method = o.method, body = o.body,
-    timeout = o.timeout,
+    timeout = o.timeout, redirects = true,    -- as a browser's fetch does (at most 10)
   })
   if self.status == "closed" then        -- closed by the program meanwhile
     if res then res:close() end
