@@ -385,6 +385,29 @@ describe("app:eventsource", function()
     assert.are.equal("line longer than 100 bytes", r[4])
   end)
 
+  it("sends Accept, Cache-Control and the program's headers (its own Accept, in any case, replaces ours)", function()
+    local app = client.app({ heartbeat = false })
+    local seen = {}
+    app:stream("/h", function(stream, req)
+      seen[#seen + 1] = req.headers
+      stream:send("x")
+      stream:sleep(5)
+    end)
+    assert(app:listen())
+    in_app(app, function()
+      for _, h in ipairs({ { ["X-Token"] = "t" }, { accept = "text/event-stream, */*" } }) do
+        local src = app:eventsource(app.url .. "/h", { headers = h, last_event_id = "5" })
+        src:next()
+        src:close()
+      end
+    end)
+    assert.are.equal("text/event-stream", seen[1].accept)
+    assert.are.equal("no-cache", seen[1]["cache-control"])
+    assert.are.equal("t", seen[1]["x-token"])
+    assert.are.equal("5", seen[1]["last-event-id"])
+    assert.are.equal("text/event-stream, */*", seen[2].accept)
+  end)
+
   it("follows a redirect, as browsers do", function()
     local app = client.app({ heartbeat = false })
     app:get("/old", function() return 302, "", { Location = "/new" } end)

@@ -68,9 +68,18 @@ function M.new(app, url, opts)
   }, EventSource)
 end
 
+-- Accept and Cache-Control unless the program gave its own (any case), the program's
+-- headers, and Last-Event-ID when the source has one (it wins over the program's).
 local function request_headers(self)
-  local h = { Accept = "text/event-stream", ["Cache-Control"] = "no-cache" }
-  for k, v in pairs(self._opts.headers or {}) do h[k] = v end
+  local h, given = {}, {}
+  for k, v in pairs(self._opts.headers or {}) do
+    local lk = k:lower()
+    if lk ~= "last-event-id" or self.last_event_id == "" then
+      h[k], given[lk] = v, true
+    end
+  end
+  if not given.accept then h.Accept = "text/event-stream" end
+  if not given["cache-control"] then h["Cache-Control"] = "no-cache" end
   if self.last_event_id ~= "" then h["Last-Event-ID"] = self.last_event_id end
   return h
 end
