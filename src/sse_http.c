@@ -19,6 +19,12 @@ _Static_assert((int)SSE_HTTP_ETIMEOUT == (int)CURLE_OPERATION_TIMEDOUT, "err val
 _Static_assert((int)SSE_HTTP_ETOOLARGE == (int)CURLE_FILESIZE_EXCEEDED, "err values are CURLcodes");
 
 #define MAX_HEADER_BYTES (256 * 1024)   /* curl 7.88 bounds one line, not their sum */
+/* Connections curl keeps alive for reuse: at most this many; and all of them are closed
+ * once no transfer has run for idle_ms (curl would otherwise hold them, and their
+ * descriptors, until its next transfer; a peer that closed its end leaves them in
+ * CLOSE_WAIT). Without a bound curl keeps 4 per transfer it had at once. */
+#define MAX_IDLE_CONNECTIONS 16L
+#define IDLE_CLOSE_MS 5000
 
 typedef struct http_sock {
     sse_watch         w;
@@ -51,6 +57,8 @@ struct sse_http {
     CURLM             *multi;
     sse_timer          timer;     /* curl's one timeout */
     sse_timer          reap;      /* frees dead socket watches after the batch */
+    sse_timer          idle;      /* no transfer for idle_ms: close what curl keeps */
+    uint64_t           idle_ms;
     http_sock         *socks;
     sse_http_transfer *all;
     size_t             ntransfers, nwatches;
@@ -161,6 +169,8 @@ static void release(sse_http_transfer *t)
         t->next->prev = t->prev;
     h->ntransfers--;
     free(t);
+    if (h->ntransfers == 0)
+        sse_timer_start(h->loop, &h->idle, h->idle_ms, 0);
 }
 
 static void emit_head(sse_http_transfer *t);
@@ -171,6 +181,8 @@ static void finish(sse_http_transfer *t, CURLcode rc)
     sse_http *h = t->h;
     const char *msg = NULL;
     int err = (int)rc;
+    if (rc == CURLE_OUT_OF_MEMORY && t->header_bytes && !t->head_sent)
+        t->too_large = 2;           /* one header line past curl's own bound (100 KB) */
     if (t->too_large || rc == CURLE_FILESIZE_EXCEEDED) {
         err = SSE_HTTP_ETOOLARGE;
         msg = t->too_large == 2 ? "response headers too large" : "response too large";
@@ -364,6 +376,37 @@ static size_t on_body(char *p, size_t size, size_t nmemb, void *ud)
 
 /* ---- public ---- */
 
+static CURLM *new_multi(sse_http *h)
+{
+    CURLM *m = curl_multi_init();
+    if (!m)
+        return NULL;
+    curl_multi_setopt(m, CURLMOPT_SOCKETFUNCTION, on_socket);
+    curl_multi_setopt(m, CURLMOPT_SOCKETDATA, h);
+    curl_multi_setopt(m, CURLMOPT_TIMERFUNCTION, on_curl_timer);
+    curl_multi_setopt(m, CURLMOPT_TIMERDATA, h);
+    curl_multi_setopt(m, CURLMOPT_MAXCONNECTS, MAX_IDLE_CONNECTIONS);
+    return m;
+}
+
+/* Nothing has run for idle_ms: a fresh multi handle, so the old one closes the
+ * connections it kept alive (curl has no call to close only those). */
+static void on_idle(sse_timer *tm)
+{
+    sse_http *h = (sse_http *)((char *)tm - offsetof(sse_http, idle));
+    if (h->ntransfers || h->depth)
+        return;
+    CURLM *fresh = new_multi(h);
+    if (!fresh)
+        return;                     /* keep the old one; the next idle period tries again */
+    curl_multi_cleanup(h->multi);   /* REMOVEs still come to on_socket with h->multi */
+    h->multi = fresh;
+    sse_timer_stop(h->loop, &h->timer);
+    for (http_sock *sk = h->socks; sk; sk = sk->next)
+        if (!sk->dead)              /* none should be left: nothing runs */
+            sock_kill(h, sk);
+}
+
 sse_http *sse_http_new(sse_loop *loop)
 {
     static int global_ok;
@@ -376,18 +419,23 @@ sse_http *sse_http_new(sse_loop *loop)
     if (!h)
         return NULL;
     h->loop = loop;
-    h->multi = curl_multi_init();
+    h->idle_ms = IDLE_CLOSE_MS;
+    sse_timer_init(&h->timer, on_timer);
+    sse_timer_init(&h->reap, on_reap);
+    sse_timer_init(&h->idle, on_idle);
+    h->multi = new_multi(h);
     if (!h->multi) {
         free(h);
         return NULL;
     }
-    sse_timer_init(&h->timer, on_timer);
-    sse_timer_init(&h->reap, on_reap);
-    curl_multi_setopt(h->multi, CURLMOPT_SOCKETFUNCTION, on_socket);
-    curl_multi_setopt(h->multi, CURLMOPT_SOCKETDATA, h);
-    curl_multi_setopt(h->multi, CURLMOPT_TIMERFUNCTION, on_curl_timer);
-    curl_multi_setopt(h->multi, CURLMOPT_TIMERDATA, h);
     return h;
+}
+
+void sse_http_set_idle(sse_http *h, unsigned ms)
+{
+    h->idle_ms = ms;
+    if (sse_timer_active(&h->idle))
+        sse_timer_start(h->loop, &h->idle, h->idle_ms, 0);
 }
 
 void sse_http_free(sse_http *h)
@@ -399,6 +447,7 @@ void sse_http_free(sse_http *h)
     curl_multi_cleanup(h->multi);   /* closes cached connections: their REMOVEs come here */
     sse_timer_stop(h->loop, &h->timer);
     sse_timer_stop(h->loop, &h->reap);
+    sse_timer_stop(h->loop, &h->idle);
     while (h->socks) {
         if (!h->socks->dead)
             sse_loop_unwatch(h->loop, &h->socks->w);
@@ -471,6 +520,13 @@ static int set_options(sse_http_transfer *t, const sse_http_request *rq)
     rc |= curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
     rc |= curl_easy_setopt(e, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
     rc |= curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);    /* a loop thread takes no SIGALRM */
+#if LIBCURL_VERSION_NUM >= 0x075700
+    /* A transfer that ends (timeout, cancel, free) while its name is being resolved must
+     * not wait for the resolver thread: without this curl joins it, and the loop stops
+     * until getaddrinfo gives up (seconds, with a resolver that does not answer). The
+     * thread is left to finish and free itself. An older curl ignores the option. */
+    curl_easy_setopt(e, CURLOPT_QUICK_EXIT, 1L);
+#endif
     rc |= curl_easy_setopt(e, CURLOPT_PRIVATE, t);
     rc |= curl_easy_setopt(e, CURLOPT_ERRORBUFFER, t->errbuf);
     rc |= curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_header);
@@ -524,6 +580,8 @@ sse_http_transfer *sse_http_start(sse_http *h, const sse_http_request *rq,
         h->all = t;
         h->ntransfers++;
     }
+    if (t)
+        sse_timer_stop(h->loop, &h->idle);
     if (t && !why && h->depth == 0) {
         if (curl_multi_add_handle(h->multi, t->easy) == CURLM_OK) {
             t->added = 1;
@@ -572,6 +630,8 @@ const char *sse_http_error_kind(int err)
     case CURLE_SSL_ISSUER_ERROR: case CURLE_SSL_PINNEDPUBKEYNOTMATCH:
     case CURLE_SSL_INVALIDCERTSTATUS: case CURLE_SSL_SHUTDOWN_FAILED: return "tls";
     case CURLE_FILESIZE_EXCEEDED: return "too_large";
+    case CURLE_SSL_CRL_BADFILE: case CURLE_SSL_CLIENTCERT: return "tls";
+    case CURLE_UNSUPPORTED_PROTOCOL:    /* a reply that is not HTTP (0.9), a redirect elsewhere */
     case CURLE_WEIRD_SERVER_REPLY: case CURLE_PARTIAL_FILE: case CURLE_GOT_NOTHING:
     case CURLE_SEND_ERROR: case CURLE_RECV_ERROR: case CURLE_HTTP2: case CURLE_HTTP2_STREAM:
     case CURLE_TOO_MANY_REDIRECTS: case CURLE_BAD_CONTENT_ENCODING: return "http";

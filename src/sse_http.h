@@ -70,6 +70,10 @@ sse_http_transfer *sse_http_start(sse_http *h, const sse_http_request *rq,
  * in done and when it cancels). May be called from any callback, also t's own. */
 void sse_http_cancel(sse_http_transfer *t);
 
+/* Connections curl keeps alive for reuse (at most 16) are all closed once no transfer has
+ * run for ms milliseconds (default 5000; 0: as soon as the last one ends). */
+void sse_http_set_idle(sse_http *h, unsigned ms);
+
 /* For tests and diagnostics: live transfers (curl easy handles) and socket watches. */
 size_t sse_http_transfers(const sse_http *h);
 size_t sse_http_watches(const sse_http *h);

@@ -16,9 +16,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <arpa/inet.h>
+#include <sched.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 static sse_loop *loop;
@@ -138,6 +142,21 @@ static void serve(int fd)
         answer(fd, "200 OK", "", "slow");
     } else if (strcmp(path, "/redirect") == 0) {
         answer(fd, "302 Found", "Location: /get\r\n", "moved");
+    } else if (strcmp(path, "/garbage") == 0) {
+        send_str(fd, "this is not HTTP\r\n\r\n");
+    } else if (strcmp(path, "/hugeheader") == 0) {
+        static char line[200 * 1024];   /* one line past curl's own bound of 100 KB */
+        memset(line, 'h', sizeof line - 3);
+        memcpy(line + sizeof line - 3, "\r\n", 3);
+        send_str(fd, "HTTP/1.1 200 OK\r\nX-Huge: ");
+        send_str(fd, line);
+        send_str(fd, "Content-Length: 2\r\n\r\nok");
+    } else if (strcmp(path, "/keepalive") == 0) {
+        /* Kept open for the client to reuse (or close): this child waits for the EOF. */
+        send_str(fd, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nka");
+        char b[512];
+        while (recv(fd, b, sizeof b, 0) > 0)
+            ;
     } else {
         answer(fd, "404 Not Found", "", "nope");
     }
@@ -571,6 +590,168 @@ static int count_fds(void)
     return n;
 }
 
+/* Replies that are not HTTP are "http"; one header line past curl's own bound (which
+ * curl reports as out of memory) is "response headers too large". */
+static void test_bad_replies(void)
+{
+    rec *g = new_rec(), *hh = new_rec();
+    get(g, "/garbage", 3000, 0);
+    get(hh, "/hugeheader", 3000, 0);
+    RUN_UNTIL(g->dones && hh->dones, 3000);
+    CHECK(g->dones == 1 && g->err && strcmp(sse_http_error_kind(g->err), "http") == 0,
+          "a reply that is not HTTP: %d %s '%s'", g->err, g->err ? sse_http_error_kind(g->err) : "-", g->msg);
+    CHECK(hh->dones == 1 && hh->err == SSE_HTTP_ETOOLARGE && strcmp(hh->msg, "response headers too large") == 0,
+          "a 200 KB header line: %d '%s'", hh->err, hh->msg);
+    free(g);
+    free(hh);
+    check_clean("bad replies");
+}
+
+/* Connections curl keeps alive: at most 16 of them, and none once nothing has run for the
+ * idle time (here 100 ms): the descriptors come back without a transfer or a free. */
+static void test_idle_close(void)
+{
+    enum { N = 24 };
+    sse_http_set_idle(http, 100);
+    RUN_UNTIL(0, 300);
+    int base = count_fds();
+    rec *r[N];
+    for (int i = 0; i < N; i++)
+        get(r[i] = new_rec(), "/keepalive", 3000, 0);
+    int all = 0;
+    for (int64_t end = sse_loop_now_us() + 3000000; !all && sse_loop_now_us() < end;) {
+        sse_loop_poll(loop, 10000);
+        all = 1;
+        for (int i = 0; i < N; i++)
+            all &= r[i]->dones;
+    }
+    int ok = 0;
+    for (int i = 0; i < N; i++)
+        ok += r[i]->dones == 1 && r[i]->err == 0 && strcmp(r[i]->body, "ka") == 0;
+    CHECK(ok == N, "%d keep-alive answers of %d", ok, N);
+    int kept = count_fds() - base;
+    CHECK(kept >= 1 && kept <= 16, "curl keeps some connections, at most 16: %d", kept);
+    RUN_UNTIL(count_fds() <= base, 2000);
+    CHECK(count_fds() == base, "idle connections closed: %d descriptors, were %d", count_fds(), base);
+    /* and the fresh multi handle works */
+    rec *after = new_rec();
+    get(after, "/get", 2000, 0);
+    RUN_UNTIL(after->dones, 3000);
+    CHECK(after->err == 0 && strcmp(after->body, "hello") == 0, "a transfer after the idle close: %d %s", after->err, after->msg);
+    for (int i = 0; i < N; i++)
+        free(r[i]);
+    free(after);
+    sse_http_set_idle(http, 5000);
+    check_clean("idle close");
+}
+
+/* The longest one sse_loop_poll took, running until cond or ms. */
+#define RUN_TIMED(cond, ms, worst)                                            \
+    do {                                                                      \
+        int64_t end_ = sse_loop_now_us() + (int64_t)(ms) * 1000;              \
+        while (!(cond) && sse_loop_now_us() < end_) {                         \
+            int64_t t0_ = sse_loop_now_us();                                  \
+            sse_loop_poll(loop, 10000);                                       \
+            if (sse_loop_now_us() - t0_ > (worst))                            \
+                (worst) = sse_loop_now_us() - t0_;                            \
+        }                                                                     \
+    } while (0)
+
+static sse_loop *parent_loop;
+static sse_http *parent_http;
+
+/* The child of test_dns_stuck, in a mount namespace of its own: 0 when every check
+ * passed, 77 when it cannot set up (not root), else 1. */
+static int dns_stuck_child(void)
+{
+    passed = failed = 0;            /* the child counts its own */
+    if (unshare(CLONE_NEWNS) != 0 || mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0)
+        return 77;
+    /* A nameserver that reads nothing: a UDP socket on a loopback address of its own. */
+    int ns = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(53) };
+    char addr[32];
+    srand((unsigned)getpid() ^ (unsigned)time(NULL));
+    int bound = 0;
+    for (int i = 0; i < 10 && !bound; i++) {
+        snprintf(addr, sizeof addr, "127.53.%d.%d", 1 + rand() % 254, 1 + rand() % 254);
+        inet_pton(AF_INET, addr, &a.sin_addr);
+        bound = bind(ns, (struct sockaddr *)&a, sizeof a) == 0;
+    }
+    char conf[] = "/tmp/test_http_resolv_XXXXXX";
+    int cf = mkstemp(conf);
+    if (!bound || cf < 0)
+        return 77;
+    char text[128];
+    snprintf(text, sizeof text, "nameserver %s\noptions timeout:2 attempts:1\n", addr);
+    int w = (int)write(cf, text, strlen(text));
+    close(cf);
+    int mounted = w > 0 && mount(conf, "/etc/resolv.conf", NULL, MS_BIND, NULL) == 0;
+    unlink(conf);
+    if (!mounted)
+        return 77;
+
+    parent_loop = loop;             /* still reachable: not leaks of the child's */
+    parent_http = http;
+    loop = sse_loop_new();
+    http = sse_http_new(loop);
+    /* The transfer's timeout ends the lookup, and no turn of the loop waits for it. */
+    rec *t = new_rec();
+    sse_http_request rq = { .url = "http://stuck-timeout.example/", .timeout_ms = 300 };
+    start(t, &rq);
+    int64_t worst = 0;
+    RUN_TIMED(t->dones, 3000, worst);
+    int64_t took = t->done_at - t->started;
+    CHECK(t->dones == 1 && t->err == SSE_HTTP_ETIMEOUT, "stuck lookup: timeout: %d '%s'", t->err, t->msg);
+    CHECK(took < 800000, "stuck lookup: done after %lld us (timeout 300 ms)", (long long)took);
+    CHECK(worst < 200000, "stuck lookup: the longest loop turn %lld us", (long long)worst);
+    /* A cancel from outside and a free return at once. */
+    rec *c = new_rec(), *f = new_rec();
+    sse_http_request rc = { .url = "http://stuck-cancel.example/", .timeout_ms = 10000 };
+    sse_http_request rf = { .url = "http://stuck-free.example/", .timeout_ms = 10000 };
+    start(c, &rc);
+    RUN_UNTIL(0, 200);
+    int64_t t0 = sse_loop_now_us();
+    sse_http_cancel(c->self);
+    int64_t cancel_us = sse_loop_now_us() - t0;
+    CHECK(cancel_us < 100000, "stuck lookup: cancel took %lld us", (long long)cancel_us);
+    start(f, &rf);
+    RUN_UNTIL(0, 200);
+    t0 = sse_loop_now_us();
+    sse_http_free(http);
+    int64_t free_us = sse_loop_now_us() - t0;
+    CHECK(free_us < 100000, "stuck lookup: free took %lld us", (long long)free_us);
+    CHECK(c->dones + f->dones == 0, "no callback after cancel or free");
+    http = NULL;
+    sleep(3);                       /* the resolver threads give up and free themselves */
+    sse_loop_free(loop);
+    free(t);
+    free(c);
+    free(f);
+    close(ns);
+    printf("test_http (stuck resolver): %d passed, %d failed\n", passed, failed);
+    fflush(stdout);
+    return failed ? 1 : 0;
+}
+
+/* A resolver that never answers (root only: the child needs a mount namespace). Before
+ * CURLOPT_QUICK_EXIT, curl joined the resolver thread when such a transfer ended, so the
+ * loop stood still until getaddrinfo gave up. */
+static void test_dns_stuck(void)
+{
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0)
+        exit(dns_stuck_child());
+    int st = 0;
+    waitpid(pid, &st, 0);
+    if (WIFEXITED(st) && WEXITSTATUS(st) == 77) {
+        printf("test_http: stuck resolver skipped (needs root for a mount namespace)\n");
+        return;
+    }
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "stuck resolver: the child's checks passed (status %d)", st);
+}
+
 int main(void)
 {
     /* The server is on loopback; a proxy from the environment must not get in between. */
@@ -593,6 +774,9 @@ int main(void)
     test_dns();
     test_cancel();
     test_concurrent();
+    test_bad_replies();
+    test_idle_close();
+    test_dns_stuck();
     sse_http_free(http);
     CHECK(sse_loop_next_timeout(loop) == -1, "no timer left on the loop after free");
     CHECK(count_fds() == fds, "every socket closed after free: %d, was %d", count_fds(), fds);
