@@ -154,7 +154,7 @@ static void on_done(void *ud, int err, const char *msg)
         n = 1;
     } else {
         lua_pushnil(t->co);
-        lua_pushstring(t->co, err == SSE_HTTP_ETOOLARGE ? "response too large" : msg);
+        lua_pushstring(t->co, msg ? msg : "request failed");   /* "response too large", ... */
         lua_pushstring(t->co, sse_http_error_kind(err));
         n = 3;
     }
@@ -345,8 +345,12 @@ static void check_fetch_opts(lua_State *L, int idx, sse_http_request *rq, const 
         luaL_argcheck(L, s >= 0 && s < 1e6, idx, "timeout must be seconds from 0 to 1e6");
         rq->timeout_ms = (long)(s * 1000 + 0.5);
     }
-    if (lua_getfield(L, idx, "max_size") != LUA_TNIL)
-        rq->max_size = (size_t)luaL_checkinteger(L, -1);
+    int has_max = lua_getfield(L, idx, "max_size") != LUA_TNIL;
+    if (has_max) {
+        lua_Integer m = luaL_checkinteger(L, -1);
+        luaL_argcheck(L, m >= 0, idx, "max_size must be a number of bytes, 0 or more");
+        rq->max_size = (size_t)m;
+    }
     rq->insecure = lua_getfield(L, idx, "insecure") != LUA_TNIL && lua_toboolean(L, -1);
     if (lua_getfield(L, idx, "ca_file") != LUA_TNIL)
         rq->ca_file = luaL_checkstring(L, -1);
@@ -355,7 +359,9 @@ static void check_fetch_opts(lua_State *L, int idx, sse_http_request *rq, const 
         *streamed = 1;
         if (lua_getfield(L, idx, "timeout") == LUA_TNIL)
             rq->timeout_ms = 0;   /* a stream lasts as long as it lasts */
-        rq->max_size = 0;         /* bounded by what is unread instead */
+        if (!has_max)
+            rq->max_size = 0;     /* bounded by what is unread instead; a max_size given
+                                   * bounds the whole body, as without stream */
     }
     if (lua_getfield(L, idx, "headers") == LUA_TTABLE) {
         int t = lua_gettop(L);
