@@ -8,6 +8,16 @@
 -- prompt echoed back plus some canned text), with a delay per token (TOKEN_DELAY seconds,
 -- default 0.05) so you can watch them arrive. Any client of a hosted LLM API that lets
 -- you set the base URL (http://127.0.0.1:8080/v1) can talk to it.
+--
+-- As a gateway: UPSTREAM=http://host:port (or a base URL ending in /v1, e.g.
+-- https://api.openai.com/v1) forwards POST /v1/chat/completions there instead: the body and
+-- the request's Authorization, Content-Type and OpenAI-* headers go upstream
+-- (UPSTREAM_API_KEY, if set, is sent as the bearer token instead of the client's); a
+-- streamed answer is relayed event by event as it arrives, a whole one (stream: false)
+-- answered whole, an upstream error passed through with its status and body, an upstream
+-- that cannot be reached answered 502 (504 past UPSTREAM_TIMEOUT seconds, default 300, for
+-- a whole answer). A client that stops reading ends the upstream request at once.
+--   UPSTREAM=http://127.0.0.1:8080 PORT=8081 lua5.4 examples/llm/server.lua
 local sse = require("sse")
 local cjson = require("cjson")
 
@@ -18,6 +28,8 @@ local app = sse.app({
 local TOKEN_DELAY = tonumber(os.getenv("TOKEN_DELAY")) or 0.05
 local DEFAULT_MODEL = "lua-sse-demo"
 local ENDPOINT = "/v1/chat/completions"
+local UPSTREAM = os.getenv("UPSTREAM")
+if UPSTREAM == "" then UPSTREAM = nil end
 
 -- ---- the "model" ----
 
@@ -145,7 +157,7 @@ end
 -- Validation runs before the stream starts, so a bad request gets a plain 400 with a
 -- JSON error instead of a 200 event stream. A request with "stream": false (or none)
 -- is answered here too, with the whole completion as one JSON object.
-app:before(function(req)
+local function check_or_answer(req)
   if req.path ~= ENDPOINT or req.method ~= "POST" then return end
   local chat, status, body = parse_request(req.body)
   if not chat then return status, body end
@@ -162,11 +174,11 @@ app:before(function(req)
       usage = usage(chat, #tokens),
     }
   end
-end)
+end
 
 -- ---- the stream ----
 
-app:stream(ENDPOINT, function(stream, req)
+local function stream_answer(stream, req)
   local chat = req.chat
   local id, created = completion_id(), os.time()
   local function chunk(delta, finish)
@@ -177,12 +189,15 @@ app:stream(ENDPOINT, function(stream, req)
   end
 
   local tokens, finish = answer(chat)
+  local function left(sent)
+    io.stderr:write(("llm: the client left after %d of %d tokens: generation stopped\n"):format(sent, #tokens))
+  end
   -- Hosted APIs open with the role, then send the content a token at a time.
-  if not stream:send({ data = chunk({ role = "assistant", content = "" }) }) then return end
-  for _, tok in ipairs(tokens) do
+  if not stream:send({ data = chunk({ role = "assistant", content = "" }) }) then return left(0) end
+  for i, tok in ipairs(tokens) do
     -- nil: the client went away (closed the tab, pressed stop): stop generating.
-    if not stream:sleep(TOKEN_DELAY) then return end
-    if not stream:send({ data = chunk({ content = tok }) }) then return end
+    if not stream:sleep(TOKEN_DELAY) then return left(i - 1) end
+    if not stream:send({ data = chunk({ content = tok }) }) then return left(i - 1) end
   end
   -- The last chunk: an empty delta (cjson encodes {} as an object) and why it stopped.
   if not stream:send({ data = chunk({}, finish) }) then return end
@@ -197,7 +212,128 @@ app:stream(ENDPOINT, function(stream, req)
   end
   stream:send({ data = "[DONE]" })
   -- Returning ends the response: the client sees the end of the body.
-end, { method = "POST" })
+end
+
+-- ---- the gateway (UPSTREAM set) ----
+
+local function gateway(base)
+  base = base:gsub("/+$", "")
+  local target = base:match("/v1$") and base .. "/chat/completions" or base .. ENDPOINT
+  local api_key = os.getenv("UPSTREAM_API_KEY")
+  local timeout = tonumber(os.getenv("UPSTREAM_TIMEOUT")) or 300
+
+  local function gateway_error(status, message)
+    return status, { error = { message = message, type = "upstream_error", param = cjson.null,
+      code = status == 504 and "gateway_timeout" or "bad_gateway" } }
+  end
+
+  -- What goes upstream: the body as it came, and the headers that say who asks and what.
+  local function upstream_headers(req)
+    local h = {}
+    for name, value in pairs(req.headers) do
+      if name == "authorization" or name == "content-type" or name == "accept"
+          or name:match("^openai%-") then
+        h[name] = value
+      end
+    end
+    if api_key and api_key ~= "" then h.authorization = "Bearer " .. api_key end
+    return h
+  end
+
+  -- What comes back with an answer or an error: its type, and what tells a client about
+  -- the request and its limits.
+  local function downstream_headers(headers)
+    local h = {}
+    for name, value in pairs(headers) do
+      if name == "content-type" or name == "retry-after" or name == "x-request-id"
+          or name:match("^openai%-") or name:match("^x%-ratelimit%-") then
+        h[name] = value
+      end
+    end
+    return h
+  end
+
+  local function unreachable(req, err, kind)
+    io.stderr:write(("llm gateway: %s %s: %s\n"):format(req.method, target, tostring(err)))
+    if kind == "timeout" then return gateway_error(504, "the upstream did not answer in time") end
+    return gateway_error(502, "the upstream could not be reached")
+  end
+
+  -- Which answer the client asked for: the body's "stream" (anything unreadable goes
+  -- upstream as it is, whose error the client then gets).
+  local function wants_stream(body)
+    local ok, t = pcall(cjson.decode, body or "")
+    return ok and type(t) == "table" and t.stream == true
+  end
+
+  -- A whole answer (stream: false): forwarded, and answered as the upstream answered.
+  app:before(function(req)
+    if req.path ~= ENDPOINT or req.method ~= "POST" then return end
+    if wants_stream(req.body) then return end    -- the stream route below
+    local res, err, kind = app:fetch(target, {
+      method = "POST", body = req.body or "", headers = upstream_headers(req), timeout = timeout,
+    })
+    if not res then return unreachable(req, err, kind) end
+    return res.status, res.body, downstream_headers(res.headers)
+  end)
+
+  -- A streamed answer: the upstream request is made before the client gets any byte, so
+  -- an error status (a 400 for a bad request, a 401 for a bad key, a 429) reaches the
+  -- client as that status with its body, not as a 200 stream.
+  local function accept(req)
+    local res, err, kind = app:fetch(target, {
+      stream = true, method = "POST", body = req.body or "", headers = upstream_headers(req),
+    })
+    if not res then return unreachable(req, err, kind) end
+    local ctype = (res.headers["content-type"] or ""):match("^%s*([^;%s]+)") or ""
+    if res.status ~= 200 or ctype:lower() ~= "text/event-stream" then
+      local parts, size = {}, 0
+      while size < 1048576 do
+        local piece = res:read()
+        if not piece then break end
+        parts[#parts + 1] = piece
+        size = size + #piece
+      end
+      res:close()
+      return res.status, table.concat(parts), downstream_headers(res.headers)
+    end
+    req.upstream = res
+  end
+
+  -- The events as they arrive: each one re-encoded as it was (event, data, id), so the
+  -- client reads the upstream's `data: {chunk}` ... `data: [DONE]` unchanged.
+  app:stream(ENDPOINT, function(stream, req)
+    local res, parser, id = req.upstream, sse.parser(), ""
+    req.upstream = nil
+    while true do
+      local piece, err = res:read()
+      if not piece then
+        -- nil, err: the upstream failed mid-answer; tell the client the way hosted APIs do
+        if err and not stream.closed then
+          stream:send({ data = { error = { message = "the upstream stream failed: " .. tostring(err),
+            type = "upstream_error" } } })
+        end
+        break
+      end
+      for _, ev in ipairs(parser:feed(piece)) do
+        local out = { data = ev.data }
+        if ev.event ~= "message" then out.event = ev.event end
+        if ev.id ~= id then out.id, id = ev.id, ev.id end
+        -- nil: the client went away (closed the tab, pressed stop): the upstream request
+        -- ends with this generator (res:close), so the model upstream stops generating.
+        if not stream:send(out) then res:close() return end
+      end
+    end
+    res:close()
+  end, { method = "POST", accept = accept })
+end
+
+if UPSTREAM then
+  gateway(UPSTREAM)
+else
+  app:before(check_or_answer)
+  app:stream(ENDPOINT, stream_answer, { method = "POST" })
+end
 
 -- ---- the page ----
 
