@@ -303,19 +303,25 @@ local function gateway(base)
   -- The events as they arrive: each one re-encoded as it was (event, data, id), so the
   -- client reads the upstream's `data: {chunk}` ... `data: [DONE]` unchanged.
   app:stream(ENDPOINT, function(stream, req)
-    local res, parser, id = req.upstream, sse.parser(), ""
+    -- bounded as app:eventsource bounds its parser: an upstream cannot grow it without end
+    local res, parser, id = req.upstream, sse.parser({ max_line = 1 << 20, max_event = 16 << 20 }), ""
     req.upstream = nil
+    local function failed(err)
+      -- the upstream failed mid-answer: tell the client the way hosted APIs do
+      if not stream.closed then
+        stream:send({ data = { error = { message = "the upstream stream failed: " .. tostring(err),
+          type = "upstream_error" } } })
+      end
+      res:close()
+    end
     while true do
       local piece, err = res:read()
       if not piece then
-        -- nil, err: the upstream failed mid-answer; tell the client the way hosted APIs do
-        if err and not stream.closed then
-          stream:send({ data = { error = { message = "the upstream stream failed: " .. tostring(err),
-            type = "upstream_error" } } })
-        end
+        if err then return failed(err) end
         break
       end
-      for _, ev in ipairs(parser:feed(piece)) do
+      local events, bad = parser:feed(piece)
+      for _, ev in ipairs(events) do
         local out = { data = ev.data }
         if ev.event ~= "message" then out.event = ev.event end
         if ev.id ~= id then out.id, id = ev.id, ev.id end
@@ -323,6 +329,7 @@ local function gateway(base)
         -- ends with this generator (res:close), so the model upstream stops generating.
         if not stream:send(out) then res:close() return end
       end
+      if bad then return failed(bad) end
     end
     res:close()
   end, { method = "POST", accept = accept })

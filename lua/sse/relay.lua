@@ -34,7 +34,7 @@ local DEFAULT_RETRY = 3000
 local OPTIONS = {
   shared = "boolean", gzip = "boolean", heartbeat = "number|boolean", retry = "number",
   headers = "table", history = "number", linger = "number", timeout = "number",
-  accept = "function", max_retry = "number",
+  accept = "function", max_retry = "number", max_line = "number", max_event = "number",
 }
 
 local function check_options(opts)
@@ -48,6 +48,12 @@ local function check_options(opts)
   local h = opts.history
   if h ~= nil and (tointeger(h) == nil or h < 0) then
     error("relay: option 'history' must be a non-negative integer", 3)
+  end
+  for _, name in ipairs({ "max_line", "max_event" }) do
+    local v = opts[name]
+    if v ~= nil and (tointeger(v) == nil or v < 1) then
+      error("relay: option '" .. name .. "' must be a positive integer (bytes)", 3)
+    end
   end
   for _, name in ipairs({ "linger", "timeout", "max_retry" }) do
     local v = opts[name]
@@ -111,6 +117,14 @@ local function resolve(upstream, static_headers, req)
   return url, h
 end
 
+-- The client's last event id as it can go upstream: one with CR, LF or NUL (only a
+-- ?lastEventId= can carry them; no browser sends one) is no id at all.
+local function last_event_id(req)
+  local id = req.last_event_id
+  if id and id:find("[\r\n%z]") then return nil end
+  return id
+end
+
 local function log(app, level, msg)
   if app._log then app:_log(level, msg) end
 end
@@ -152,7 +166,8 @@ local function per_client(app, pattern, upstream, opts)
     local url, headers = resolve(upstream, opts.headers, req)
     if not url then return plain(404, "not found") end
     local src = app:eventsource(url, {
-      headers = headers, last_event_id = req.last_event_id, max_retry = opts.max_retry,
+      headers = headers, last_event_id = last_event_id(req), max_retry = opts.max_retry,
+      max_line = opts.max_line, max_event = opts.max_event,
     })
     local ok, err = src:connect()
     if not ok then
@@ -169,7 +184,7 @@ local function per_client(app, pattern, upstream, opts)
   local function forward(stream, req)
     local src = req.upstream
     req.upstream = nil
-    local last, retry = req.last_event_id or "", DEFAULT_RETRY
+    local last, retry = last_event_id(req) or "", DEFAULT_RETRY
     while true do
       local ev, err = src:next()
       if not ev then
@@ -288,6 +303,7 @@ local function shared(app, pattern, upstream, opts)
     local run = {
       src = app:eventsource(hub.url, {
         headers = hub.headers, max_retry = opts.max_retry,
+        max_line = opts.max_line, max_event = opts.max_event,
         last_event_id = hub.last_event_id ~= "" and hub.last_event_id or nil,
       }),
       done = false,
@@ -366,8 +382,8 @@ end
 -- upstream: a URL, or function(req) -> url[, headers] (nil: 404).
 -- opts: shared (false), gzip (true), heartbeat, retry (sent when a client's stream opens),
 -- headers (sent upstream), accept (runs first; a status answers instead), max_retry (the
--- upstream's reconnection delay cap, ms); shared only: history (100), linger (0 s),
--- timeout (10 s for the first connection).
+-- upstream's reconnection delay cap, ms), max_line and max_event (the eventsource's bounds,
+-- bytes); shared only: history (100), linger (0 s), timeout (10 s for the first connection).
 function M.route(app, pattern, upstream, opts)
   if type(upstream) ~= "string" and type(upstream) ~= "function" then
     error("relay: upstream must be a URL or a function(req) -> url, headers", 2)
