@@ -260,6 +260,12 @@ local function shared(app, pattern, upstream, opts)
     for _, s in ipairs(list) do s:close() end
   end
 
+  local function stop(hub)
+    local run = hub.run
+    hub.run = nil
+    if run then run.src:close() end
+  end
+
   -- One upstream request, read until it ends for good or the hub stops it.
   local function pump(hub, run)
     local src = run.src
@@ -271,6 +277,11 @@ local function shared(app, pattern, upstream, opts)
       log(app, "warn", ("relay %s -> %s: %s"):format(pattern, hub.url, tostring(err)))
       return
     end
+    -- The clients that waited for this connection join in this turn. One that left before
+    -- its stream started never joins and so never leaves: a hub nobody joined stops.
+    app:after(math.max(linger, 1), function()
+      if hub.run == run and hub.clients == 0 then stop(hub) end
+    end)
     while true do
       local ev, why = src:next()
       if not ev then err = why break end
@@ -309,14 +320,20 @@ local function shared(app, pattern, upstream, opts)
       done = false,
     }
     hub.run = run
-    app:spawn(pump, hub, run)
+    app:spawn(function()
+      local ok, err = xpcall(pump, debug.traceback, hub, run)
+      if not ok then
+        -- never a hub that looks alive and reads nothing: its clients reconnect
+        log(app, "error", ("relay %s -> %s: %s"):format(pattern, hub.url, tostring(err)))
+        run.done = true
+        run.src:close()
+        if hub.run == run then
+          hub.run = nil
+          close_streams(hub)
+        end
+      end
+    end)
     return run
-  end
-
-  local function stop(hub)
-    local run = hub.run
-    hub.run = nil
-    if run then run.src:close() end
   end
 
   local function accept(req)
@@ -326,6 +343,14 @@ local function shared(app, pattern, upstream, opts)
     end
     local url, headers = resolve(upstream, opts.headers, req)
     if not url then return plain(404, "not found") end
+    if req.method == "HEAD" then
+      -- no stream follows (so no client would ever leave the hub): ask once, on the side
+      local src = app:eventsource(url, { headers = headers })
+      local ok, err = src:connect()
+      src:close()
+      if not ok then return bad_gateway(app, req, url, src, err) end
+      return
+    end
     local key = hub_key(url, headers)
     local hub = hubs[key]
     if not hub then
