@@ -122,6 +122,7 @@ describe("relay", function()
         local ev = { id = tostring(i), data = "tick " .. i }
         if i % 3 == 0 then ev.event = "third" end
         if i == from + 1 and req.query.retry then ev.retry = tonumber(req.query.retry) end
+        if req.query.reset and i == 5 then ev.id = "" end   -- an id: line that resets the id
         if not stream:send(ev) then return end
         if every > 0 and not stream:sleep(every) then return end
       end
@@ -197,8 +198,8 @@ describe("relay", function()
       local app, up = upstream_app()
       relay.route(app, "/r/ticks", function(req) return app.url .. "/up/ticks" .. relay.query(req) end)
       assert(app:listen())
-      local direct = client.connect(app, "/up/ticks?n=8&every=0.05&retry=700")
-      local via = client.connect(app, "/r/ticks?n=8&every=0.05&retry=700")
+      local direct = client.connect(app, "/up/ticks?n=8&every=0.05&retry=700&reset=1")
+      local via = client.connect(app, "/r/ticks?n=8&every=0.05&retry=700&reset=1")
       direct:wait_end(5)
       via:wait_end(5)
       assert.are.equal(8, #via.events)
@@ -209,6 +210,8 @@ describe("relay", function()
       assert.are.equal("third", via.events[3].event)
       assert.are.equal("tick 3", via.events[3].data)
       assert.are.equal("3", via.events[3].id)
+      assert.are.equal("", via.events[5].id, "the reset passed on")
+      assert.are.equal("6", via.events[6].id)
       -- the upstream's retry reaches the client with its first event
       assert.truthy(via.body:find("retry: 700\n", 1, true), via.body)
       -- events arrive as the upstream sends them, not at the end
