@@ -28,6 +28,10 @@ external_dependencies = {
       -- not search; CMakeLists.txt finds it with CURL_INCDIR as a hint.
       library = "curl",
    },
+   HIREDIS = {
+      header = "hiredis/hiredis.h",
+      library = "hiredis",
+   },
    ZLIB = {
       header = "zlib.h",
       library = "z",
@@ -46,6 +50,8 @@ build = {
       MHD_LIBDIR = "$(MHD_LIBDIR)",
       CURL_INCDIR = "$(CURL_INCDIR)",
       CURL_LIBDIR = "$(CURL_LIBDIR)",
+      HIREDIS_INCDIR = "$(HIREDIS_INCDIR)",
+      HIREDIS_LIBDIR = "$(HIREDIS_LIBDIR)",
    },
 }
 test_dependencies = {

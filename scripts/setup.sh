@@ -7,9 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(build-essential cmake pkg-config git lua5.4 liblua5.4-dev luarocks
-          libmicrohttpd-dev zlib1g-dev libcurl4-openssl-dev lua-cjson curl ca-certificates)
+          libmicrohttpd-dev zlib1g-dev libcurl4-openssl-dev libhiredis-dev lua-cjson curl
+          ca-certificates)
 if [[ "${SSE_SETUP_TEST:-0}" == 1 ]]; then
-  packages+=(lua-busted lua-socket valgrind openssl clang-14 libclang-rt-14-dev)
+  packages+=(lua-busted lua-socket valgrind openssl clang-14 libclang-rt-14-dev redis-server)
 fi
 
 missing=()
