@@ -100,11 +100,12 @@ int sse_redis_eval(sse_redis *r, sse_redis_script *s, sse_redis_cb cb, void *cbu
 /* Adds topic to the subscribed set (a no-op if it is there) and, when the subscriber
  * connection is up, sends SUBSCRIBE. The set is kept here: after a reconnect every
  * topic in it is subscribed again. Messages of the topic go to on_message until
- * sse_redis_unsubscribe; those already on the way then are dropped. 0, -ENOMEM or
- * -ESHUTDOWN. */
+ * sse_redis_unsubscribe; those already on the way then are dropped. 0, -EINVAL (topic
+ * NULL with len > 0), -ENOMEM or -ESHUTDOWN. */
 int sse_redis_subscribe(sse_redis *r, const char *topic, size_t len);
 /* Removes topic from the set (a no-op if it is not there) and sends UNSUBSCRIBE when
- * connected; no message of it reaches on_message after this returns. 0 or -ESHUTDOWN. */
+ * connected; no message of it reaches on_message after this returns. 0, -EINVAL or
+ * -ESHUTDOWN. */
 int sse_redis_unsubscribe(sse_redis *r, const char *topic, size_t len);
 
 /* For tests and diagnostics: accepted commands whose callback has not run yet, and the

@@ -564,6 +564,10 @@ static void test_outage(void)
     cmd(r, &blpop, "BLPOP", "nothing", "0", NULL);     /* in flight until the server dies */
     blpop.then_r = r;                                  /* its callback gives another */
     blpop.then = &after_down;
+    enum { QUEUED = 500 };
+    res *queued = calloc(QUEUED, sizeof *queued);      /* held by the server behind BLPOP */
+    for (int i = 0; i < QUEUED; i++)
+        cmd(r, &queued[i], "GET", "k", NULL);
     RUN_UNTIL(0, 20);
     stop_redis(server);
     int64_t killed = sse_loop_now_us();
@@ -573,6 +577,11 @@ static void test_outage(void)
           (long long)(sse_loop_now_us() - killed));
     CHECK(blpop.calls == 1 && strcmp(blpop.err, "disconnected") == 0, "the command in flight failed: '%s'",
           blpop.err);
+    int all_once = 1;
+    for (int i = 0; i < QUEUED; i++)
+        all_once &= queued[i].calls == 1 && strcmp(queued[i].err, "disconnected") == 0 && queued[i].order > blpop.order;
+    CHECK(all_once, "the %d behind it failed too, once each, after it", QUEUED);
+    free(queued);
     RUN_UNTIL(after_down.calls, 1000);
     CHECK(after_down.calls == 1 && after_down.reentrant == 0 && strcmp(after_down.err, "redis unavailable") == 0,
           "a command from that callback is refused on the next turn: '%s'", after_down.err);
