@@ -408,6 +408,11 @@ function App:eventsource(url, opts)
   return require("sse.eventsource").new(self, url, opts)
 end
 
+-- A stream route relaying another SSE server's events (lua/sse/relay.lua, docs/relay.md).
+function App:relay(pattern, upstream, opts)
+  return require("sse.relay").route(self, pattern, upstream, opts)
+end
+
 -- ---- requests ----
 
 local function add_cors(self, req, headers)

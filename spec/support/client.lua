@@ -541,7 +541,12 @@ end
 
 -- Descriptors a process has open (pid: a number, default this process).
 function M.fd_count(pid)
-  local p = io.popen("ls /proc/" .. tostring(pid or "self") .. "/fd 2>/dev/null | wc -l")
+  if not pid then   -- "self" in the command would be the shell's: this process's own pid
+    local f = assert(io.open("/proc/self/stat"))
+    pid = f:read("a"):match("^(%d+)")
+    f:close()
+  end
+  local p = io.popen("ls /proc/" .. tostring(pid) .. "/fd 2>/dev/null | wc -l")
   local n = tonumber(p:read("a"))
   p:close()
   return n
