@@ -129,7 +129,7 @@ describe("app:fetch", function()
   it("raises outside an app coroutine and for bad options", function()
     local app = app_with_routes()
     assert.has_error(function() app:fetch(app.url .. "/json") end,
-      "app:fetch: not in an app coroutine (a stream's generator or a function given to app:spawn): nothing here can wait on the loop")
+      "app:fetch: not in an app coroutine (a handler, a before hook, a stream's generator or accept, a timer callback, a function given to app:spawn): nothing here can wait on the loop")
     assert.has_error(function() app:fetch(42) end, "app:fetch: url must be a string")
     assert.has_error(function() app:fetch("http://x/", { tiemout = 1 }) end, "app:fetch: unknown option 'tiemout'")
   end)

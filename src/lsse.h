@@ -162,6 +162,9 @@ void lsse_task_cancel(lsse_task *t);
 void lsse_task_tell_closed(lsse_task *t);
 int  lsse_task_finished(const lsse_task *t);   /* the function has returned or raised */
 int  lsse_task_is(const lsse_task *t, lua_State *L);   /* L is the task's coroutine */
+/* Where app coroutines run: what the error of a wait called anywhere else names. */
+#define LSSE_APP_COROUTINES "(a handler, a before hook, a stream's generator or accept, " \
+                            "a timer callback, a function given to app:spawn)"
 /* The task whose coroutine is L, if L is the app coroutine running now; else NULL
  * (the main thread, or a plain coroutine of the user's: they cannot wait on the loop). */
 lsse_task *lsse_task_current(lsse_server *b, lua_State *L);

@@ -392,8 +392,8 @@ int lsse_server_fetch(lua_State *L)
     rq.headers = lines;
     lsse_task *t = lsse_task_current(b, L);
     if (!t)
-        return luaL_error(L, "app:fetch: not in an app coroutine (a stream's generator or a "
-                             "function given to app:spawn): nothing here can wait on the loop");
+        return luaL_error(L, "app:fetch: not in an app coroutine " LSSE_APP_COROUTINES
+                             ": nothing here can wait on the loop");
     if (!b->http && !(b->http = sse_http_new(b->loop)))
         return luaL_error(L, "app:fetch: libcurl could not start");
     lsse_fetch *f = calloc(1, sizeof *f);

@@ -235,9 +235,8 @@ int lsse_server_sleep(lua_State *L)
     luaL_argcheck(L, secs >= 0 && secs < 1e9, 2, "seconds must be between 0 and 1e9");
     lsse_task *t = lsse_task_current(b, L);
     if (!t)
-        return luaL_error(L, "app:sleep: not in an app coroutine (a handler, a before hook, a "
-                             "stream's generator or accept, a timer callback, a function given "
-                             "to app:spawn): nothing here can wait on the loop");
+        return luaL_error(L, "app:sleep: not in an app coroutine " LSSE_APP_COROUTINES
+                             ": nothing here can wait on the loop");
     return lsse_task_sleep(L, t, (uint64_t)(secs * 1000.0 + 0.5));
 }
 
