@@ -132,12 +132,12 @@ typedef struct conn {
 typedef struct {
     /* options */
     const char *mode, *host, *label;
-    int port, pid, json, pubconns, batch, settle_ms;
+    int port, pub_port, pid, json, pubconns, batch, settle_ms;
     long conns, events, size;
     double rate, timeout;
     /* state */
     int ep;
-    struct sockaddr_in addr;
+    struct sockaddr_in addr, pub_addr;   /* subscribers' and publishers' server */
     conn *c, pubs[MAX_PUBS];
     long opened, resolved, connected, failed, ended;   /* SUB and COUNT connections */
     long published, responses, accepted, pub_errors;
@@ -223,7 +223,8 @@ static int conn_open(run *r, conn *c, enum kind kind, const char *req, size_t le
         int one = 1;
         setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     }
-    if (connect(c->fd, (struct sockaddr *)&r->addr, sizeof r->addr) != 0 && errno != EINPROGRESS) {
+    const struct sockaddr_in *to = kind == PUB ? &r->pub_addr : &r->addr;
+    if (connect(c->fd, (const struct sockaddr *)to, sizeof *to) != 0 && errno != EINPROGRESS) {
         close(c->fd);
         c->fd = -1;
         c->state = CLOSED;
@@ -823,6 +824,8 @@ static void usage(void)
         "usage: loadgen fanout|idle|count [options]\n"
         "  --host ADDR       server IPv4 address (127.0.0.1)\n"
         "  --port P          server port (8080)\n"
+        "  --pub-port P      port the publishers POST /pub to (default: --port), e.g. the\n"
+        "                    upstream of a relay whose subscribers read --port\n"
         "  --pid PID         server process: CPU and RSS from /proc\n"
         "  --conns N         subscribers (fanout, idle) or clients (count) (100)\n"
         "  --events M        events published (fanout) or per client (count) (100)\n"
@@ -846,7 +849,7 @@ int main(int argc, char **argv)
                 .batch = 500, .settle_ms = 200, .conns = 100, .events = 100, .size = 64,
                 .timeout = 60 };
     static const struct option opts[] = {
-        { "host", 1, 0, 'h' }, { "port", 1, 0, 'p' }, { "pid", 1, 0, 'P' },
+        { "host", 1, 0, 'h' }, { "port", 1, 0, 'p' }, { "pid", 1, 0, 'P' }, { "pub-port", 1, 0, 'U' },
         { "conns", 1, 0, 'c' }, { "events", 1, 0, 'e' }, { "size", 1, 0, 's' },
         { "rate", 1, 0, 'r' }, { "pubconns", 1, 0, 'u' }, { "batch", 1, 0, 'b' },
         { "settle", 1, 0, 'S' }, { "timeout", 1, 0, 't' }, { "label", 1, 0, 'l' },
@@ -856,6 +859,7 @@ int main(int argc, char **argv)
         switch (o) {
         case 'h': r->host = optarg; break;
         case 'p': r->port = atoi(optarg); break;
+        case 'U': r->pub_port = atoi(optarg); break;
         case 'P': r->pid = atoi(optarg); break;
         case 'c': r->conns = atol(optarg); break;
         case 'e': r->events = atol(optarg); break;
@@ -878,6 +882,9 @@ int main(int argc, char **argv)
     r->addr.sin_port = htons((uint16_t)r->port);
     if (inet_pton(AF_INET, r->host, &r->addr.sin_addr) != 1)
         usage();
+    r->pub_addr = r->addr;
+    if (r->pub_port > 0)
+        r->pub_addr.sin_port = htons((uint16_t)r->pub_port);
     /* every subscriber is a descriptor */
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
