@@ -10,6 +10,8 @@
 # Environment (defaults in brackets):
 #   BENCH_SCALE [full]  full | tiny
 #   SERVERS     [lua-sse nchan openresty go-nethttp node-http lua-http]  scripts in servers/
+#   WORKLOADS   [fanout-1k fanout-10k burst idle-10k count light]  a subset, e.g. to
+#                       compare two builds run after run (interleaved: the machine drifts)
 #   RUNS        [full: 3, tiny: 1]  runs per cell; the table shows the median run
 #   LIGHT_RUNS  [1]     runs of the 30-second "light" workload (3 would add 6 minutes to
 #                       the full run; one run holds 600,000 latency samples)
@@ -30,7 +32,7 @@ cd "$(dirname "$0")/.."
 BENCH_SCALE=${BENCH_SCALE:-full}
 SERVERS=${SERVERS:-"lua-sse nchan openresty go-nethttp node-http lua-http"}
 LIGHT_RUNS=${LIGHT_RUNS:-1}
-WORKLOADS="fanout-1k fanout-10k burst idle-10k count light"
+WORKLOADS=${WORKLOADS:-"fanout-1k fanout-10k burst idle-10k count light"}
 
 # Workload name -> loadgen arguments. The names are those of the full scale; tiny keeps
 # the names and shrinks the numbers so every code path still runs.
