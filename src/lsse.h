@@ -10,6 +10,7 @@
  *   lsse_channel.c  the channel class and channel streams (app:stream(path, channel))
  *   lsse_frame.c    encode, comment, and the parser class
  *   lsse_file.c     the file class (core.open_file, file responses)
+ *   lsse_workers.c  worker processes (core.workers, core.reserve_port)
  *
  * Ownership: one rule for every binding object. Lua runs only inside server:step (or
  * server:close) on the server's thread, and the C objects of an app (loop, server,
@@ -70,6 +71,8 @@ typedef struct lsse_server {
     struct lsse_task *running; /* the app coroutine being resumed now, or NULL */
     struct sse_http  *http;    /* outbound HTTP (lsse_http.c), made on first use */
     struct lsse_fetch *fetches; /* fetches in flight, freed with the server */
+    struct sse_broker *broker; /* channels on Redis (app option broker), or NULL */
+    struct lsse_waiter *waiters; /* resumes waiting for a channel's history (lsse_channel.c) */
 } lsse_server;
 
 /* Registers the class `name`: meta holds its metamethods; methods are what obj.name
@@ -246,15 +249,21 @@ void lsse_free_channels(lsse_server *b);
 sse_channel *lsse_check_channel(lua_State *L, int idx);
 /* Subscribes sb to ch with a replay after last (NULL: no replay), the gap event first
  * when events after it are no longer kept. Returns what sse_subscribe does (0, 1 if
- * already subscribed, -ENOMEM); *n and *missed are what sse_channel_resume_point says. */
-int  lsse_channel_subscribe(lua_State *L, sse_channel *ch, sse_subscriber *sb,
+ * already subscribed, -ENOMEM), or 2: a channel on a broker whose history has not been
+ * read yet; the subscription is made (and flushed) once it has. *n and *missed are what
+ * sse_channel_resume_point says (0 when deferred). */
+int  lsse_channel_subscribe(lua_State *L, lsse_server *b, sse_channel *ch, sse_subscriber *sb,
                             const char *last, size_t len, unsigned *n, int *missed);
+/* sb's stream has ended: its subscriptions still waiting for a history are dropped. */
+void lsse_channel_unwait(lsse_server *b, sse_subscriber *sb);
+/* Connects the app's channels to Redis: core.server's broker option at idx. Raises. */
+void lsse_open_broker(lua_State *L, lsse_server *b, int idx);
 /* Starts a channel stream for the channel at index ch, replaying after last_id (NULL:
  * none). Raises on failure. */
 void lsse_channel_stream(lua_State *L, sse_request *r, int ch, const sse_stream_opts *so,
                          int format, long long retry, const char *last_id, size_t len);
 /* The closed hook of a channel stream: frees it. */
-void lsse_channel_stream_closed(sse_stream *st);
+void lsse_channel_stream_closed(lsse_server *b, sse_stream *st);
 
 /* ---- lsse_frame.c: adds encode, comment and parser to the table on top ---- */
 
@@ -264,6 +273,8 @@ void lsse_open_frame(lua_State *L);
  * (text converted from a number or a table) that must stay on the stack while ev is used. */
 void lsse_check_event(lua_State *L, int idx, const char *fname, sse_event *ev);
 
+/* ---- lsse_workers.c: adds workers, reserve_port and cpus to the table on top ---- */
+void lsse_open_workers(lua_State *L);
 /* ---- lsse_file.c: adds open_file to the table on top ---- */
 
 void lsse_open_file(lua_State *L);

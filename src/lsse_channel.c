@@ -2,12 +2,27 @@
  * a subscriber to a channel (for stream:subscribe, in lsse_stream.c), and channel streams
  * (app:stream(path, channel)). Channels belong to the server object (freed after its
  * last stream); a channel userdata keeps the server userdata alive through its user
- * value. Nothing here knows a generator stream: only subscribers (sse_subscriber). */
+ * value. Nothing here knows a generator stream: only subscribers (sse_subscriber).
+ *
+ * With a broker (the app option, sse_broker.c) every channel lives in Redis: a publish
+ * waits for Redis (an app coroutine yields until its reply), and a resume waits until
+ * the channel's history has been read (a waiter, subscribed by the ready hook). */
 #include "lsse.h"
+#include "sse_broker.h"
 #include "sse_stream.h"
 
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* A subscription with a resume, made once its channel's history is in. */
+typedef struct lsse_waiter {
+    sse_channel        *ch;
+    sse_subscriber     *sb;
+    char               *last;
+    size_t              len;
+    struct lsse_waiter *next;
+} lsse_waiter;
 
 typedef struct lsse_channel {
     sse_channel *ch;
@@ -43,6 +58,8 @@ int lsse_server_channel(lua_State *L)
     if (!c->ch)
         return luaL_error(L, "out of memory");
     b->channels[b->nchannels++] = c->ch;
+    if (b->broker && sse_broker_attach(b->broker, c->ch) != 0)
+        return luaL_error(L, "out of memory");
     lua_pushvalue(L, 1);
     lua_setiuservalue(L, -2, 1);
     luaL_setmetatable(L, CHANNEL_MT);
@@ -51,6 +68,14 @@ int lsse_server_channel(lua_State *L)
 
 void lsse_free_channels(lsse_server *b)
 {
+    sse_broker_free(b->broker);    /* first: it points at the channels */
+    b->broker = NULL;
+    while (b->waiters) {
+        lsse_waiter *w = b->waiters;
+        b->waiters = w->next;
+        free(w->last);
+        free(w);
+    }
     for (unsigned i = 0; i < b->nchannels; i++)
         sse_channel_free(b->channels[i]);
     free(b->channels);
@@ -58,12 +83,59 @@ void lsse_free_channels(lsse_server *b)
     b->nchannels = b->channels_cap = 0;
 }
 
-/* ch:publish(ev) -> id */
+/* ---- publishing through the broker ---- */
+
+static void on_broker_published(void *ud, const char *id, size_t len, const char *err)
+{
+    lsse_task *t = ud;
+    t->io = NULL;
+    if (err) {
+        lua_pushnil(t->co);
+        lua_pushstring(t->co, err);
+        lsse_task_deliver(t, WAIT_IO, 2);
+    } else {
+        lua_pushlstring(t->co, id, len);
+        lsse_task_deliver(t, WAIT_IO, 1);
+    }
+}
+
+static void cancel_publish(void *io)
+{
+    lsse_task *t = io;
+    if (t->b->broker)
+        sse_broker_forget(t->b->broker, t);
+}
+
+/* With a broker: waits (yields) until Redis has stored the event: its id, or nil, err
+ * when Redis cannot be reached (never raises for that). */
+static int broker_publish(lua_State *L, lsse_channel *c, const sse_event *ev)
+{
+    lsse_task *t = lsse_task_current(c->b, L);
+    if (!t)
+        return luaL_error(L, "channel:publish: with a broker, a publish waits for Redis: call it "
+                             "from an app coroutine (a handler, a before hook, a stream's generator "
+                             "or accept, a timer callback, a function given to app:spawn)");
+    int rc = sse_broker_publish(c->b->broker, c->ch, ev, on_broker_published, t);
+    if (rc == -ENOTCONN) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "redis unavailable");
+        return 2;
+    }
+    if (rc != 0)
+        return luaL_error(L, "channel:publish: out of memory");
+    t->io = t;
+    t->io_cancel = cancel_publish;
+    return lsse_task_wait(L, t, WAIT_IO);
+}
+
+/* ch:publish(ev) -> id  (with a broker: id | nil, err, waiting for Redis) */
 static int channel_publish(lua_State *L)
 {
     lsse_channel *c = check_channel(L, 1);
     sse_event ev;
     lsse_check_event(L, 2, "channel:publish", &ev);
+    if (c->b->broker)
+        return broker_publish(L, c, &ev);
     uint64_t seq = sse_channel_publish(c->ch, &ev);
     if (!seq)
         return luaL_error(L, "channel:publish: out of memory");
@@ -129,12 +201,58 @@ sse_channel *lsse_check_channel(lua_State *L, int idx)
     return check_channel(L, idx)->ch;
 }
 
-int lsse_channel_subscribe(lua_State *L, sse_channel *ch, sse_subscriber *sb,
+/* A subscription whose replay waits for ch's history: 2, 1 if sb is subscribed to ch
+ * already, -ENOMEM. */
+static int wait_for_history(lsse_server *b, sse_channel *ch, sse_subscriber *sb,
+                            const char *last, size_t len)
+{
+    lsse_waiter *w = calloc(1, sizeof *w);
+    if (!w || !(w->last = malloc(len + 1))) {
+        free(w);
+        return -ENOMEM;
+    }
+    int rc = sse_subscribe_unresolved(sb, ch);
+    if (rc != 0) {
+        free(w->last);
+        free(w);
+        return rc;
+    }
+    memcpy(w->last, last, len);
+    w->last[len] = '\0';
+    w->len = len;
+    w->ch = ch;
+    w->sb = sb;
+    w->next = b->waiters;
+    b->waiters = w;
+    return 2;
+}
+
+/* The replay of a subscription with last: its resume point and, when events after it
+ * are gone, the gap event first. */
+static int resume(lua_State *L, sse_channel *ch, sse_subscriber *sb, const char *last,
+                  size_t len, uint64_t *after, sse_chunk **gap, unsigned *n, int *missed)
+{
+    *n = sse_channel_resume_point(ch, last, len, after, missed);
+    *gap = *missed ? gap_event(L, sb->format, sse_channel_name(ch), last, len) : NULL;
+    return *missed && !*gap ? -ENOMEM : 0;
+}
+
+int lsse_channel_subscribe(lua_State *L, lsse_server *b, sse_channel *ch, sse_subscriber *sb,
                            const char *last, size_t len, unsigned *n, int *missed)
 {
-    uint64_t after;
-    *n = sse_channel_resume_point(ch, last, len, &after, missed);
-    sse_chunk *gap = *missed ? gap_event(L, sb->format, sse_channel_name(ch), last, len) : NULL;
+    if (last && b->broker && !sse_broker_ready(b->broker, ch)) {
+        *n = 0;
+        *missed = 0;
+        return wait_for_history(b, ch, sb, last, len);
+    }
+    uint64_t after = 0;
+    sse_chunk *gap = NULL;
+    if (last && resume(L, ch, sb, last, len, &after, &gap, n, missed) != 0)
+        return -ENOMEM;
+    if (!last) {
+        *n = 0;
+        *missed = 0;
+    }
     int rc = sse_subscribe(sb, ch, last != NULL, after, gap);
     sse_chunk_unref(gap);
     return rc;
@@ -164,17 +282,111 @@ void lsse_channel_stream(lua_State *L, sse_request *r, int ch, const sse_stream_
      * ends the stream cleanly. */
     unsigned n;
     int missed;
-    if (lsse_channel_subscribe(L, c->ch, &s->sub, last_id, len, &n, &missed) < 0)
+    if (lsse_channel_subscribe(L, c->b, c->ch, &s->sub, last_id, len, &n, &missed) < 0)
         sse_stream_close(st);
     sse_subscriber_flush(&s->sub);
 }
 
-void lsse_channel_stream_closed(sse_stream *st)
+void lsse_channel_stream_closed(lsse_server *b, sse_stream *st)
 {
     lsse_substream *s = sse_stream_ud(st);
     sse_subscriber_clear(&s->sub);
+    lsse_channel_unwait(b, &s->sub);
     sse_stream_release(st);
     free(s);
+}
+
+/* ---- waiting for a channel's history (a broker) ---- */
+
+void lsse_channel_unwait(lsse_server *b, sse_subscriber *sb)
+{
+    for (lsse_waiter **link = &b->waiters; *link;) {
+        lsse_waiter *w = *link;
+        if (w->sb == sb) {
+            *link = w->next;
+            free(w->last);
+            free(w);
+        } else {
+            link = &w->next;
+        }
+    }
+}
+
+static int subscribe_waiter(lua_State *L)
+{
+    lsse_waiter *w = lua_touserdata(L, 2);
+    uint64_t after;
+    sse_chunk *gap = NULL;
+    unsigned n;
+    int missed;
+    if (resume(L, w->ch, w->sb, w->last, w->len, &after, &gap, &n, &missed) == 0 &&
+        sse_subscriber_resolve(w->sb, w->ch, after, gap) == 0)
+        sse_subscriber_flush(w->sb);
+    sse_chunk_unref(gap);
+    return 0;
+}
+
+/* The broker's ready hook: ch's history is in, so the resumes waiting for it are made. */
+static void on_channel_ready(void *ud, sse_channel *ch)
+{
+    lsse_server *b = ud;
+    lsse_waiter *ready = NULL;
+    for (lsse_waiter **link = &b->waiters; *link;) {
+        lsse_waiter *w = *link;
+        if (w->ch == ch) {
+            *link = w->next;
+            w->next = ready;
+            ready = w;
+        } else {
+            link = &w->next;
+        }
+    }
+    while (ready) {
+        lsse_waiter *w = ready;
+        ready = w->next;
+        if (!b->finalizing) {
+            lua_pushcfunction(b->L, subscribe_waiter);
+            lua_pushlightuserdata(b->L, b);
+            lua_pushlightuserdata(b->L, w);
+            lsse_pcall(b, b->L, 2, "channel");
+        }
+        free(w->last);
+        free(w);
+    }
+}
+
+static void on_broker_log(void *ud, int level, const char *msg)
+{
+    lsse_log(ud, level, msg);
+}
+
+/* broker = { host, port, db, password, prefix, check_ms } */
+void lsse_open_broker(lua_State *L, lsse_server *b, int idx)
+{
+    if (lua_isnoneornil(L, idx))
+        return;
+    luaL_checktype(L, idx, LUA_TTABLE);
+    lua_getfield(L, idx, "host");
+    lua_getfield(L, idx, "port");
+    lua_getfield(L, idx, "db");
+    lua_getfield(L, idx, "password");
+    lua_getfield(L, idx, "prefix");
+    lua_getfield(L, idx, "check_ms");
+    int top = lua_gettop(L);
+    sse_broker_config cfg = {
+        .host = luaL_optstring(L, top - 5, "127.0.0.1"),
+        .port = (int)luaL_optinteger(L, top - 4, 6379),
+        .db = (int)luaL_optinteger(L, top - 3, 0),
+        .password = luaL_optstring(L, top - 2, NULL),
+        .prefix = luaL_optstring(L, top - 1, "sse"),
+        .check_ms = (unsigned)luaL_optinteger(L, top, 0),
+    };
+    sse_broker_hooks hooks = { .log = on_broker_log, .ready = on_channel_ready, .ud = b };
+    char err[256];
+    b->broker = sse_broker_new(b->loop, &cfg, &b->ids, &hooks, err, sizeof err);
+    lua_settop(L, top - 6);
+    if (!b->broker)
+        luaL_error(L, "broker: %s", err);
 }
 
 void lsse_open_channel(lua_State *L)

@@ -162,6 +162,7 @@ int luaopen_sse_core(lua_State *L)
     lsse_open_frame(L);
     lsse_open_server(L);
     lsse_open_file(L);
+    lsse_open_workers(L);
     lua_pushliteral(L, "0.1.0");
     lua_setfield(L, -2, "version");
     return 1;

@@ -104,6 +104,9 @@ static int server_new(lua_State *L)
     b->dispatch_ref = ref_function(L, b, 1, "dispatch");
     b->admit_ref = ref_function(L, b, 1, "admit");
     b->log_ref = ref_function(L, b, 1, "log");
+    lua_getfield(L, 1, "broker");
+    lsse_open_broker(L, b, lua_gettop(L));
+    lua_pop(L, 1);
     lua_remove(L, 2); /* the host string, copied by sse_server_new */
     return 1;
 }
@@ -185,6 +188,20 @@ static int server_catch_signals(lua_State *L)
     return 0;
 }
 
+/* server:forked(port): in a worker process, before anything runs on the loop: an epoll
+ * instance of its own, and the next listen on the parent's port, shared with the other
+ * workers. */
+static int server_forked(lua_State *L)
+{
+    lsse_server *b = lsse_check_server(L, 1);
+    lua_Integer port = luaL_checkinteger(L, 2);
+    int rc = sse_loop_forked(b->loop);
+    if (rc)
+        return luaL_error(L, "epoll: %s", strerror(-rc));
+    sse_server_share_port(b->srv, (int)port);
+    return 0;
+}
+
 /* Computed fields: port (while listening), listening, connections. */
 static int server_get(lua_State *L)
 {
@@ -230,6 +247,7 @@ void lsse_open_server(lua_State *L)
         { "sleep", lsse_server_sleep },
         { "fetch", lsse_server_fetch },
         { "catch_signals", server_catch_signals },
+        { "forked", server_forked },
         { "channel", lsse_server_channel },
         { "close", server_gc },
         { NULL, NULL },

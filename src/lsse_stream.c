@@ -171,7 +171,7 @@ static int stream_subscribe(lua_State *L)
         last = luaL_checklstring(L, 3, &len);
     unsigned n;
     int missed;
-    int rc = lsse_channel_subscribe(L, ch, &s->sub, last, len, &n, &missed);
+    int rc = lsse_channel_subscribe(L, s->b, ch, &s->sub, last, len, &n, &missed);
     if (rc < 0)
         return luaL_error(L, "stream:subscribe: out of memory");
     if (rc == 1) {          /* already subscribed: nothing new to replay */
@@ -363,13 +363,14 @@ void lsse_stream_closed(void *ud, sse_stream *st)
 {
     lsse_server *b = ud;
     if (*(int *)sse_stream_ud(st) == STREAM_CHANNEL) {
-        lsse_channel_stream_closed(st);
+        lsse_channel_stream_closed(b, st);
         return;
     }
     lsse_stream *s = sse_stream_ud(st);
     lua_State *L = b->L;
     s->st = NULL;
     sse_subscriber_clear(&s->sub);
+    lsse_channel_unwait(b, &s->sub);
     lsse_task_cancel(&s->gen);
     sse_stream_release(st);
     if (b->finalizing) {

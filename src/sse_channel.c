@@ -171,6 +171,15 @@ void sse_channel_deliver(sse_channel *ch, uint64_t seq, sse_chunk *c, sse_chunk 
     }
 }
 
+void sse_channel_remember(sse_channel *ch, uint64_t seq, sse_chunk *c, sse_chunk *nd)
+{
+    if (seq > ch->ids->seq)
+        ch->ids->seq = seq;
+    size_t id_len;
+    const char *id = sent_id(c, &id_len);
+    remember(ch, seq, c, nd, id, id_len);
+}
+
 void sse_channel_broadcast(sse_channel *ch, sse_chunk *c, sse_chunk *nd)
 {
     for (unsigned i = 0; i < ch->nsubs; i++) {
@@ -285,6 +294,31 @@ static sse_sub *find_sub(const sse_subscriber *sb, const sse_channel *ch)
     return NULL;
 }
 
+/* The kept events after `after`, in the subscriber's form, each with a reference. */
+static int snapshot(const sse_channel *ch, int format, uint64_t after, sse_held **out,
+                    unsigned *count)
+{
+    unsigned n = 0;
+    for (unsigned i = 0; i < ch->count; i++)
+        n += hist_at(ch, i)->seq > after;
+    sse_held *events = NULL;
+    if (n && !(events = malloc(n * sizeof *events)))
+        return -ENOMEM;
+    unsigned k = 0;
+    for (unsigned i = 0; i < ch->count; i++) {
+        const entry *e = hist_at(ch, i);
+        if (e->seq > after) {
+            events[k].seq = e->seq;
+            events[k].chunk = form(e, format);
+            sse_chunk_ref(events[k].chunk);
+            k++;
+        }
+    }
+    *out = events;
+    *count = k;
+    return 0;
+}
+
 int sse_subscribe(sse_subscriber *sb, sse_channel *ch, int replay, uint64_t after,
                   sse_chunk *gap)
 {
@@ -300,22 +334,8 @@ int sse_subscribe(sse_subscriber *sb, sse_channel *ch, int replay, uint64_t afte
     }
     sse_held *events = NULL;
     unsigned nevents = 0;
-    if (replay) {
-        unsigned n = 0;
-        for (unsigned i = 0; i < ch->count; i++)
-            n += hist_at(ch, i)->seq > after;
-        if (n && !(events = malloc(n * sizeof *events)))
-            return -ENOMEM;
-        for (unsigned i = 0; i < ch->count; i++) {
-            const entry *e = hist_at(ch, i);
-            if (e->seq > after) {
-                events[nevents].seq = e->seq;
-                events[nevents].chunk = form(e, sb->format);
-                sse_chunk_ref(events[nevents].chunk);
-                nevents++;
-            }
-        }
-    }
+    if (replay && snapshot(ch, sb->format, after, &events, &nevents) != 0)
+        return -ENOMEM;
     if (replay && sb->npending == sb->pending_cap) {
         unsigned ncap = sb->pending_cap ? sb->pending_cap * 2 : 4;
         sse_pending *p = realloc(sb->pending, ncap * sizeof *p);
@@ -336,7 +356,7 @@ int sse_subscribe(sse_subscriber *sb, sse_channel *ch, int replay, uint64_t afte
     if (replay) {
         if (gap)
             sse_chunk_ref(gap);
-        sb->pending[sb->npending++] = (sse_pending){ ch, gap, events, nevents };
+        sb->pending[sb->npending++] = (sse_pending){ ch, gap, events, nevents, 0 };
     }
     return 0;
 nomem:
@@ -377,6 +397,31 @@ int sse_unsubscribe(sse_subscriber *sb, sse_channel *ch)
     return 0;
 }
 
+int sse_subscribe_unresolved(sse_subscriber *sb, sse_channel *ch)
+{
+    int rc = sse_subscribe(sb, ch, 1, UINT64_MAX, NULL);
+    if (rc == 0)
+        sb->pending[sb->npending - 1].unresolved = 1;
+    return rc;
+}
+
+int sse_subscriber_resolve(sse_subscriber *sb, sse_channel *ch, uint64_t after, sse_chunk *gap)
+{
+    for (unsigned i = 0; i < sb->npending; i++) {
+        sse_pending *p = &sb->pending[i];
+        if (p->ch != ch || !p->unresolved)
+            continue;
+        if (snapshot(ch, sb->format, after, &p->events, &p->nevents) != 0)
+            return -ENOMEM;
+        if (gap)
+            sse_chunk_ref(gap);
+        p->gap = gap;
+        p->unresolved = 0;
+        return 0;
+    }
+    return -1;
+}
+
 int sse_subscriber_has_pending(const sse_subscriber *sb)
 {
     return sb->npending > 0;
@@ -392,6 +437,10 @@ int sse_subscriber_flush(sse_subscriber *sb)
 {
     if (!sb->npending)
         return 0;
+    /* A replay still to be decided holds everything back, so ids stay in order. */
+    for (unsigned p = 0; p < sb->npending; p++)
+        if (sb->pending[p].unresolved)
+            return 0;
     /* Everything to send: the events each subscription is to replay, and the held live
      * ones (a held one may also be among those to replay: duplicates go after sorting). */
     size_t n = sb->nheld;

@@ -101,6 +101,7 @@ typedef struct sse_pending {
     sse_held    *events;     /* the kept events after the id, taken at subscribe time so
                                 that publishes before the flush cannot push them out */
     unsigned     nevents;
+    int          unresolved; /* sse_subscribe_unresolved: events still to be taken */
 } sse_pending;
 
 /* One per stream: its subscriptions and its replay state. Embedded in the binding's
@@ -136,6 +137,9 @@ uint64_t sse_channel_publish(sse_channel *ch, const sse_event *ev);
  * history (the backend lost it) and marks everything up to `dropped` as gone.
  * set_dropped: events up to `dropped` are no longer kept by the backend. */
 void sse_channel_deliver(sse_channel *ch, uint64_t seq, sse_chunk *c, sse_chunk *nd);
+/* Keeps an event of the backend's history without sending it to anyone (a process
+ * reading a channel's history when it starts using it). */
+void sse_channel_remember(sse_channel *ch, uint64_t seq, sse_chunk *c, sse_chunk *nd);
 void sse_channel_broadcast(sse_channel *ch, sse_chunk *c, sse_chunk *nd);
 void sse_channel_forget(sse_channel *ch, uint64_t dropped);
 void sse_channel_set_dropped(sse_channel *ch, uint64_t dropped);
@@ -154,6 +158,14 @@ unsigned sse_channel_resume_point(const sse_channel *ch, const char *last_id, si
 int  sse_subscribe(sse_subscriber *sb, sse_channel *ch, int replay, uint64_t after,
                    sse_chunk *gap);
 int  sse_unsubscribe(sse_subscriber *sb, sse_channel *ch);   /* 0, or -1 if not subscribed */
+/* For a backend whose history is not known yet (a broker still reading it): subscribes
+ * with a replay to be decided later. Until sse_subscriber_resolve, the subscriber's
+ * flushes send nothing and what is published to it is held, as for any pending replay.
+ * 0, 1 if already subscribed, -ENOMEM. */
+int  sse_subscribe_unresolved(sse_subscriber *sb, sse_channel *ch);
+/* The replay of that subscription: the kept events after `after` (gap first, if not
+ * NULL), as sse_subscribe's. 0, -1 if sb has no unresolved subscription to ch, -ENOMEM. */
+int  sse_subscriber_resolve(sse_subscriber *sb, sse_channel *ch, uint64_t after, sse_chunk *gap);
 /* Sends pending replays and held events. 0 or -ENOMEM. */
 int  sse_subscriber_flush(sse_subscriber *sb);
 int  sse_subscriber_has_pending(const sse_subscriber *sb);

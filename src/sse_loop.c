@@ -64,6 +64,16 @@ void sse_loop_free(sse_loop *l)
     free(l);
 }
 
+int sse_loop_forked(sse_loop *l)
+{
+    int fd = epoll_create1(EPOLL_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    close(l->epfd);
+    l->epfd = fd;
+    return 0;
+}
+
 uint64_t sse_loop_now(const sse_loop *l) { return l->now; }
 void sse_loop_now_update(sse_loop *l) { l->now = mono_ms(); }
 

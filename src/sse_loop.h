@@ -30,6 +30,9 @@ struct sse_timer {
 
 sse_loop *sse_loop_new(void);          /* NULL with errno set */
 void      sse_loop_free(sse_loop *l);  /* watches and timers must be gone (they are not freed) */
+/* In a child after fork(): an epoll instance of its own (the parent's is shared with
+ * it, and so with every sibling). Only while nothing is watched: timers stay. 0 or -errno. */
+int       sse_loop_forked(sse_loop *l);
 
 /* Millisecond monotonic clock, refreshed at each poll (sse_loop_now_update forces it). */
 uint64_t sse_loop_now(const sse_loop *l);

@@ -139,6 +139,7 @@ struct sse_server {
     sse_burst          accept_burst;
     int64_t            mhd_zero_since; /* MHD has asked to run at once since (us), or 0 */
     sse_request       *deferred;       /* requests whose answer comes later (sse_request_defer) */
+    int                reuseport;      /* a worker: the port is shared (sse_server_share_port) */
     unsigned           responding;     /* requests answered (not streams), not completed */
     int                conn_closed;    /* a connection closed during this MHD_run */
     int                peer_closed;    /* a client without a stream sent its FIN */
@@ -1070,26 +1071,29 @@ static void on_mhd_ready(sse_watch *w, uint32_t events)
     /* Nothing to do here: sse_server_run calls MHD_run after every poll. */
 }
 
-static int open_listener(sse_server *srv, char *err, size_t errlen)
+/* A TCP socket bound to host:port (0: any free port, *bound says which), listening
+ * unless do_listen is 0. SO_REUSEPORT lets worker processes each bind the same port. */
+static int bind_socket(const char *host, int port, int reuseport, int do_listen,
+                       int *out_fd, int *bound, char *err, size_t errlen)
 {
     struct sockaddr_storage ss;
     socklen_t sslen;
     memset(&ss, 0, sizeof ss);
-    const char *host = srv->host;
+    const char *name = host;
     if (strcmp(host, "localhost") == 0)
         host = "127.0.0.1";
     struct sockaddr_in *a4 = (struct sockaddr_in *)&ss;
     struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&ss;
     if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
         a4->sin_family = AF_INET;
-        a4->sin_port = htons((uint16_t)srv->cfg.port);
+        a4->sin_port = htons((uint16_t)port);
         sslen = sizeof *a4;
     } else if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
         a6->sin6_family = AF_INET6;
-        a6->sin6_port = htons((uint16_t)srv->cfg.port);
+        a6->sin6_port = htons((uint16_t)port);
         sslen = sizeof *a6;
     } else {
-        snprintf(err, errlen, "host '%s' is not a numeric IPv4 or IPv6 address", srv->host);
+        snprintf(err, errlen, "host '%s' is not a numeric IPv4 or IPv6 address", name);
         return -EINVAL;
     }
     int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -1097,21 +1101,40 @@ static int open_listener(sse_server *srv, char *err, size_t errlen)
         goto fail;
     int one = 1;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (reuseport)
+        setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
     if (ss.ss_family == AF_INET6)
         setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
-    if (bind(fd, (struct sockaddr *)&ss, sslen) != 0 || listen(fd, 4096) != 0)
+    if (bind(fd, (struct sockaddr *)&ss, sslen) != 0 || (do_listen && listen(fd, 4096) != 0))
         goto fail;
     sslen = sizeof ss;
     getsockname(fd, (struct sockaddr *)&ss, &sslen);
-    srv->port = ntohs(ss.ss_family == AF_INET ? a4->sin_port : a6->sin6_port);
-    srv->listen_fd = fd;
+    *bound = ntohs(ss.ss_family == AF_INET ? a4->sin_port : a6->sin6_port);
+    *out_fd = fd;
     return 0;
 fail:;
     int e = errno;
     if (fd >= 0)
         close(fd);
-    snprintf(err, errlen, "%s port %d: %s", srv->host, srv->cfg.port, strerror(e));
+    snprintf(err, errlen, "%s port %d: %s", name, port, strerror(e));
     return -e;
+}
+
+static int open_listener(sse_server *srv, char *err, size_t errlen)
+{
+    return bind_socket(srv->host, srv->cfg.port, srv->reuseport, 1, &srv->listen_fd,
+                       &srv->port, err, errlen);
+}
+
+void sse_server_share_port(sse_server *srv, int port)
+{
+    srv->cfg.port = port;
+    srv->reuseport = 1;
+}
+
+int sse_port_reserve(const char *host, int port, int *fd, int *bound, char *err, size_t errlen)
+{
+    return bind_socket(host, port, 1, 0, fd, bound, err, errlen);
 }
 
 /* Streams are long-lived: let the process hold as many sockets as the hard limit allows. */

@@ -66,6 +66,12 @@ void        sse_server_free(sse_server *s);   /* shuts down first if still liste
 int  sse_server_listen(sse_server *s, const char *tls_cert, const char *tls_key,
                        char *err, size_t errlen);
 int  sse_server_port(const sse_server *s);
+/* A worker: the next listen is on this port, shared (SO_REUSEPORT) with the others. */
+void sse_server_share_port(sse_server *s, int port);
+/* Binds host:port with SO_REUSEPORT without listening: the parent of worker processes
+ * holds the port (port 0: a free one, *bound says which) that each worker then listens
+ * on. 0 or -errno with a message in err. */
+int  sse_port_reserve(const char *host, int port, int *fd, int *bound, char *err, size_t errlen);
 int  sse_server_listening(const sse_server *s);
 unsigned sse_server_connections(const sse_server *s);
 

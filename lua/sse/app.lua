@@ -23,7 +23,7 @@ local OPTIONS = {
   queue_limit = "number", log = "function|boolean", connection_memory = "number",
   shutdown_timeout = "number", tls = "table", gzip = "boolean",
   request_timeout = "number|boolean", keepalive_timeout = "number|boolean",
-  max_connections_per_ip = "number",
+  max_connections_per_ip = "number", broker = "string|table",
 }
 
 local function check_options(opts, allowed, where)
@@ -147,6 +147,40 @@ local function compile_cors(cors)
   return { origins = set, credentials = cors.credentials and true or false }
 end
 
+-- broker = "redis://[:password@]host[:port][/db]" or { url = ..., prefix = "sse",
+-- check_interval = seconds }: the options of core.server's broker.
+local function broker_options(b)
+  if b == nil then return nil end
+  if type(b) == "string" then b = { url = b } end
+  check_options(b, { url = "string", prefix = "string", check_interval = "number" }, "sse.app: broker")
+  local url = b.url or "redis://127.0.0.1:6379"
+  local rest = url:match("^redis://(.*)$")
+  if not rest then
+    error("sse.app: broker url must look like redis://host:port/db, not " .. ("%q"):format(url), 3)
+  end
+  local userinfo, hostport = rest:match("^(.-)@(.*)$")
+  hostport = hostport or rest
+  local password = userinfo and (userinfo:match(":(.*)$") or userinfo) or nil
+  local host, after = hostport:match("^%[([^%]]+)%](.*)$")
+  if not host then host, after = hostport:match("^([^:/]*)(.*)$") end
+  local port = after:match("^:(%d+)")
+  local db = after:gsub("^:%d+", ""):match("^/(%d*)$")
+  if after:gsub("^:%d+", "") ~= "" and not db then
+    error("sse.app: broker url must look like redis://host:port/db, not " .. ("%q"):format(url), 3)
+  end
+  if b.check_interval ~= nil and (b.check_interval <= 0 or b.check_interval > 86400) then
+    error("sse.app: broker option 'check_interval' must be a number of seconds (0 to 86400]", 3)
+  end
+  return {
+    host = host ~= "" and host or "127.0.0.1",
+    port = tonumber(port) or 6379,
+    db = tonumber(db) or 0,
+    password = password ~= "" and password or nil,
+    prefix = b.prefix or "sse",
+    check_ms = b.check_interval and math.max(1, math.floor(b.check_interval * 1000 + 0.5)) or nil,
+  }
+end
+
 function M.new(opts)
   opts = opts or {}
   if type(opts) ~= "table" then
@@ -201,6 +235,7 @@ function M.new(opts)
     request_timeout_ms = timeout_ms(opts.request_timeout, "request_timeout", 30),
     keepalive_timeout_ms = timeout_ms(opts.keepalive_timeout, "keepalive_timeout", 5),
     max_connections_per_ip = opts.max_connections_per_ip,
+    broker = broker_options(opts.broker),
     dispatch = function(req)
       return self:_dispatch(req)
     end,

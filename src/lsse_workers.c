@@ -1,0 +1,161 @@
+/* The binding of sse_workers: core.workers (fork and supervise), core.reserve_port (the
+ * parent holds the shared port), core.cpus. The facade (app:run with workers = N) is
+ * what uses them; each worker runs the app's loop in its own process. */
+#include "lsse.h"
+#include "sse_server.h"
+#include "sse_workers.h"
+
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#define RESERVATION_MT "sse.reservation"
+
+typedef struct reservation {
+    int fd;
+    int port;
+} reservation;
+
+/* core.reserve_port(host, port) -> reservation | nil, err */
+static int reserve_port(lua_State *L)
+{
+    const char *host = luaL_checkstring(L, 1);
+    lua_Integer port = luaL_checkinteger(L, 2);
+    luaL_argcheck(L, port >= 0 && port <= 65535, 2, "port must be between 0 and 65535");
+    reservation *r = lua_newuserdatauv(L, sizeof *r, 0);
+    r->fd = -1;
+    luaL_setmetatable(L, RESERVATION_MT);
+    char err[256];
+    if (sse_port_reserve(host, (int)port, &r->fd, &r->port, err, sizeof err) != 0) {
+        lua_pushnil(L);
+        lua_pushstring(L, err);
+        return 2;
+    }
+    return 1;
+}
+
+static int reservation_close(lua_State *L)
+{
+    reservation *r = luaL_checkudata(L, 1, RESERVATION_MT);
+    if (r->fd >= 0)
+        close(r->fd);
+    r->fd = -1;
+    return 0;
+}
+
+static int reservation_get(lua_State *L)
+{
+    reservation *r = luaL_checkudata(L, 1, RESERVATION_MT);
+    if (strcmp(luaL_checkstring(L, 2), "port") == 0)
+        lua_pushinteger(L, r->port);
+    else
+        lua_pushnil(L);
+    return 1;
+}
+
+/* The Lua side of a supervision: the state and the table of core.workers' options. */
+typedef struct supervision {
+    lua_State *L;
+    int        opts;
+} supervision;
+
+static int run_worker(void *ud, unsigned index)
+{
+    supervision *s = ud;
+    lua_State *L = s->L;
+    lua_getfield(L, s->opts, "run");
+    lua_pushinteger(L, index);
+    if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+        fprintf(stderr, "sse: worker %u: %s\n", index, lua_tostring(L, -1));
+        return 1;
+    }
+    return lua_isinteger(L, -1) ? (int)lua_tointeger(L, -1) : 0;
+}
+
+static void call_hook(supervision *s, const char *name, int nargs)
+{
+    lua_State *L = s->L;
+    lua_getfield(L, s->opts, name);
+    if (!lua_isfunction(L, -1)) {
+        lua_pop(L, 1 + nargs);
+        return;
+    }
+    lua_insert(L, -1 - nargs);
+    if (lua_pcall(L, nargs, 0, 0) != LUA_OK) {
+        fprintf(stderr, "sse: workers: %s: %s\n", name, lua_tostring(L, -1));
+        lua_pop(L, 1);
+    }
+}
+
+static void log_hook(void *ud, int level, const char *msg)
+{
+    supervision *s = ud;
+    static const char *names[] = { "debug", "info", "warn", "error" };
+    lua_pushstring(s->L, level >= 0 && level <= 3 ? names[level] : "info");
+    lua_pushstring(s->L, msg);
+    call_hook(s, "log", 2);
+}
+
+static void started_hook(void *ud, unsigned index, pid_t pid)
+{
+    supervision *s = ud;
+    lua_pushinteger(s->L, index);
+    lua_pushinteger(s->L, pid);
+    call_hook(s, "started", 2);
+}
+
+/* core.workers{ n, drain (seconds), run = fn(index) -> exit status, log = fn(level, msg),
+ * started = fn(index, pid) }: returns when SIGTERM/SIGINT stopped them all (true), or
+ * nil, err when none could be started. Returns in the parent only. */
+static int workers(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_getfield(L, 1, "n");
+    lua_Integer n = luaL_checkinteger(L, -1);
+    lua_getfield(L, 1, "drain");
+    lua_Number drain = luaL_optnumber(L, -1, 5);
+    lua_getfield(L, 1, "run");
+    luaL_checktype(L, -1, LUA_TFUNCTION);
+    lua_pop(L, 3);
+    luaL_argcheck(L, n >= 1 && n <= 1024, 1, "n must be 1 to 1024");
+    supervision s = { L, 1 };
+    sse_workers_config cfg = {
+        .n = (unsigned)n,
+        .drain_ms = drain > 0 ? (unsigned)(drain * 1000) : 0,
+        .run = run_worker,
+        .log = log_hook,
+        .started = started_hook,
+        .ud = &s,
+    };
+    int rc = sse_workers_supervise(&cfg);
+    if (rc) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "could not start workers: %s", strerror(-rc));
+        return 2;
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int cpus(lua_State *L)
+{
+    lua_pushinteger(L, sse_workers_cpus());
+    return 1;
+}
+
+void lsse_open_workers(lua_State *L)
+{
+    static const luaL_Reg methods[] = { { "close", reservation_close }, { NULL, NULL } };
+    static const luaL_Reg meta[] = {
+        { "__index", reservation_get },
+        { "__gc", reservation_close },
+        { NULL, NULL },
+    };
+    lsse_class(L, RESERVATION_MT, methods, meta);
+    lua_pushcfunction(L, workers);
+    lua_setfield(L, -2, "workers");
+    lua_pushcfunction(L, reserve_port);
+    lua_setfield(L, -2, "reserve_port");
+    lua_pushcfunction(L, cpus);
+    lua_setfield(L, -2, "cpus");
+}
