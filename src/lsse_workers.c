@@ -90,7 +90,7 @@ static void call_hook(supervision *s, const char *name, int nargs)
 static void log_hook(void *ud, int level, const char *msg)
 {
     supervision *s = ud;
-    static const char *names[] = { "debug", "info", "warn", "error" };
+    static const char *names[] = { "error", "warn", "info", "debug" };   /* sse_log.h */
     lua_pushstring(s->L, level >= 0 && level <= 3 ? names[level] : "info");
     lua_pushstring(s->L, msg);
     call_hook(s, "log", 2);

@@ -23,7 +23,7 @@ local OPTIONS = {
   queue_limit = "number", log = "function|boolean", connection_memory = "number",
   shutdown_timeout = "number", tls = "table", gzip = "boolean",
   request_timeout = "number|boolean", keepalive_timeout = "number|boolean",
-  max_connections_per_ip = "number", broker = "string|table",
+  max_connections_per_ip = "number", broker = "string|table", workers = "number|string",
 }
 
 local function check_options(opts, allowed, where)
@@ -195,8 +195,17 @@ function M.new(opts)
       error("sse.app: option 'tls' needs both cert and key (paths to PEM files)", 2)
     end
   end
+  local workers = opts.workers
+  if workers == "auto" then
+    workers = core.cpus()
+  elseif workers ~= nil and (math.type(workers) ~= "integer" or workers < 1 or workers > 1024) then
+    error("sse.app: option 'workers' must be an integer from 1 to 1024 or \"auto\"", 2)
+  end
   local self = setmetatable({
     host = opts.host or "127.0.0.1",
+    _port = opts.port or 8080,
+    _workers = workers or 1,
+    _broker = opts.broker ~= nil,
     _routes = router.new(),
     _before = {},
     _channels = {},
@@ -311,6 +320,10 @@ function App:channel(name, opts)
     error("app:channel: option 'history' must be an integer from 0 to 1000000", 2)
   end
   local ch = self._channels[name]
+  if not ch and self._workers > 1 and not self._broker and self._reservation then
+    error("app:channel: with workers > 1 channels need a broker (app option broker): each "
+      .. "worker process would have channels of its own", 2)
+  end
   if not ch then
     ch = self._core:channel(name, history or 100)
     self._channels[name] = ch
@@ -690,7 +703,28 @@ local function read_file(path, what)
   return text
 end
 
+-- Workers: the parent only reserves the port (SO_REUSEPORT, not listening); each worker
+-- listens on it from its own process (sse_workers.c).
+local function reserve(self)
+  if next(self._channels) and not self._broker then
+    error("app:listen: with workers > 1 channels need a broker (app option broker): each "
+      .. "worker process would have channels of its own", 3)
+  end
+  local r, err = core.reserve_port(self.host, self._port)
+  if not r then
+    return nil, err, err:find("in use", 1, true) and "EADDRINUSE" or "EIO"
+  end
+  self._reservation = r
+  self.port = r.port
+  local host = self.host:find(":", 1, true) and "[" .. self.host .. "]" or self.host
+  self.url = (self._tls and "https://" or "http://") .. host .. ":" .. self.port
+  return true
+end
+
 function App:listen()
+  if self._workers > 1 then
+    return reserve(self)
+  end
   local cert, key, err, code
   if self._tls then
     cert, err, code = read_file(self._tls.cert, "cert")
@@ -730,7 +764,39 @@ function App:step(timeout)
   end
 end
 
+-- A worker's life: its own loop on the shared port, its log lines marked with its index.
+local function run_worker(self, index)
+  self.worker = index
+  self._reservation:close()
+  self._workers = 1              -- from here on a single-process app
+  local log = self._logger
+  if log then
+    self._logger = function(level, msg) log(level, "worker " .. index .. ": " .. msg) end
+  end
+  self._core:forked(self.port)
+  local ok, err = self:run()
+  if not ok then
+    self:_log("error", "cannot listen: " .. tostring(err))
+    return 1
+  end
+  return 0
+end
+
 function App:run()
+  if self._workers > 1 then
+    if not self._reservation then
+      local ok, err, code = self:listen()
+      if not ok then return nil, err, code end
+    end
+    local ok, err = core.workers({
+      n = self._workers,
+      drain = self._shutdown_timeout,
+      run = function(index) return run_worker(self, index) end,
+      log = function(level, msg) self:_log(level, msg) end,
+    })
+    self._reservation:close()
+    return ok, err
+  end
   if not self._core.listening then
     local ok, err, code = self:listen()
     if not ok then
