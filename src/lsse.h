@@ -256,6 +256,8 @@ int  lsse_channel_subscribe(lua_State *L, lsse_server *b, sse_channel *ch, sse_s
                             const char *last, size_t len, unsigned *n, int *missed);
 /* sb's stream has ended: its subscriptions still waiting for a history are dropped. */
 void lsse_channel_unwait(lsse_server *b, sse_subscriber *sb);
+/* server:redis(arg, ...): a command on the broker's Redis from an app coroutine. */
+int  lsse_server_redis(lua_State *L);
 /* Connects the app's channels to Redis: core.server's broker option at idx. Raises. */
 void lsse_open_broker(lua_State *L, lsse_server *b, int idx);
 /* Starts a channel stream for the channel at index ch, replaying after last_id (NULL:

@@ -9,6 +9,7 @@
  * the channel's history has been read (a waiter, subscribed by the ready hook). */
 #include "lsse.h"
 #include "sse_broker.h"
+#include "sse_redis.h"
 #include "sse_stream.h"
 
 #include <errno.h>
@@ -294,6 +295,109 @@ void lsse_channel_stream_closed(lsse_server *b, sse_stream *st)
     lsse_channel_unwait(b, &s->sub);
     sse_stream_release(st);
     free(s);
+}
+
+/* ---- other Redis commands of the app (server:redis) ---- */
+
+/* A reply inside a reply as one Lua value: strings, integers, lists (nested), false
+ * for a nil element (so a list keeps its length), an error element as its message. */
+static void push_value(lua_State *L, const redisReply *r)
+{
+    switch (r->type) {
+    case REDIS_REPLY_STRING:
+    case REDIS_REPLY_STATUS:
+        lua_pushlstring(L, r->str, r->len);
+        break;
+    case REDIS_REPLY_INTEGER:
+        lua_pushinteger(L, (lua_Integer)r->integer);
+        break;
+    case REDIS_REPLY_ARRAY:
+        lua_createtable(L, (int)r->elements, 0);
+        for (size_t i = 0; i < r->elements; i++) {
+            push_value(L, r->element[i]);
+            lua_rawseti(L, -2, (lua_Integer)i + 1);
+        }
+        break;
+    case REDIS_REPLY_ERROR:       /* inside an array: its message */
+        lua_pushlstring(L, r->str, r->len);
+        break;
+    default:
+        lua_pushboolean(L, 0);    /* nil inside a list: false keeps the list's length */
+    }
+}
+
+static void on_redis_reply(void *ud, const redisReply *r, const char *err)
+{
+    lsse_task *t = ud;
+    if (!t)
+        return;                   /* its task went away */
+    t->io = NULL;
+    lua_State *co = t->co;
+    if (err || !r) {
+        lua_pushnil(co);
+        lua_pushstring(co, err ? err : "no reply");
+        lsse_task_deliver(t, WAIT_IO, 2);
+    } else if (r->type == REDIS_REPLY_ERROR) {
+        lua_pushnil(co);
+        lua_pushlstring(co, r->str, r->len);
+        lsse_task_deliver(t, WAIT_IO, 2);
+    } else if (r->type == REDIS_REPLY_NIL) {
+        lua_pushnil(co);
+        lsse_task_deliver(t, WAIT_IO, 1);
+    } else {
+        push_value(co, r);
+        lsse_task_deliver(t, WAIT_IO, 1);
+    }
+}
+
+/* A command's reply that nobody waits for any more: sse_redis still calls back, so
+ * the callback is pointed at nothing (the task may be gone by then). */
+typedef struct redis_wait {
+    lsse_task *t;
+} redis_wait;
+
+static void on_redis_wait(void *ud, const redisReply *r, const char *err)
+{
+    redis_wait *w = ud;
+    on_redis_reply(w->t, r, err);
+    free(w);
+}
+
+static void cancel_redis(void *io)
+{
+    redis_wait *w = io;
+    w->t = NULL;
+}
+
+/* server:redis(arg, ...) -> reply | nil, err: one command on the broker's Redis,
+ * waiting (yielding) for the reply in an app coroutine. */
+int lsse_server_redis(lua_State *L)
+{
+    lsse_server *b = lsse_check_server(L, 1);
+    if (!b->broker)
+        return luaL_error(L, "redis: the app has no broker");
+    lsse_task *t = lsse_task_current(b, L);
+    if (!t)
+        return luaL_error(L, "redis: not in an app coroutine " LSSE_APP_COROUTINES);
+    int argc = lua_gettop(L) - 1;
+    luaL_argcheck(L, argc >= 1 && argc <= 64, 2, "1 to 64 arguments");
+    const char *argv[64];
+    size_t lens[64];
+    for (int i = 0; i < argc; i++)
+        argv[i] = luaL_checklstring(L, i + 2, &lens[i]);
+    redis_wait *w = malloc(sizeof *w);
+    if (!w)
+        return luaL_error(L, "redis: out of memory");
+    w->t = t;
+    if (sse_redis_command(sse_broker_redis(b->broker), on_redis_wait, w, argc, argv, lens) != 0) {
+        free(w);
+        lua_pushnil(L);
+        lua_pushliteral(L, "redis unavailable");
+        return 2;
+    }
+    t->io = w;
+    t->io_cancel = cancel_redis;
+    return lsse_task_wait(L, t, WAIT_IO);
 }
 
 /* ---- waiting for a channel's history (a broker) ---- */

@@ -156,6 +156,21 @@ int lsse_pcall(lsse_server *b, lua_State *L, int nargs, const char *what)
     return 1;
 }
 
+/* core.methods(class) -> the table a class's objects find their methods in, so the
+ * facade can add methods written in Lua (stream:join, ch:presence: lua/sse/presence.lua). */
+static int class_methods(lua_State *L)
+{
+    const char *name = luaL_checkstring(L, 1);
+    if (luaL_getmetatable(L, name) != LUA_TTABLE)
+        return luaL_error(L, "no class '%s'", name);
+    lua_getfield(L, -1, "__index");
+    if (lua_iscfunction(L, -1))
+        lua_getupvalue(L, -1, 1);   /* class_index: the methods, then the getter */
+    if (!lua_istable(L, -1))
+        return luaL_error(L, "class '%s' has no methods table", name);
+    return 1;
+}
+
 int luaopen_sse_core(lua_State *L)
 {
     lua_newtable(L);
@@ -163,6 +178,8 @@ int luaopen_sse_core(lua_State *L)
     lsse_open_server(L);
     lsse_open_file(L);
     lsse_open_workers(L);
+    lua_pushcfunction(L, class_methods);
+    lua_setfield(L, -2, "methods");
     lua_pushliteral(L, "0.1.0");
     lua_setfield(L, -2, "version");
     return 1;

@@ -248,6 +248,7 @@ void lsse_open_server(lua_State *L)
         { "fetch", lsse_server_fetch },
         { "catch_signals", server_catch_signals },
         { "forked", server_forked },
+        { "redis", lsse_server_redis },
         { "channel", lsse_server_channel },
         { "close", server_gc },
         { NULL, NULL },

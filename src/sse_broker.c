@@ -759,6 +759,11 @@ void sse_broker_free(sse_broker *br)
     free(br);
 }
 
+sse_redis *sse_broker_redis(sse_broker *br)
+{
+    return br->redis;
+}
+
 int sse_broker_up(const sse_broker *br)
 {
     return sse_redis_up(br->redis);

@@ -69,6 +69,9 @@ int  sse_broker_ready(const sse_broker *br, const sse_channel *ch);
 typedef void (*sse_broker_published)(void *ud, const char *id, size_t idlen, const char *err);
 int  sse_broker_publish(sse_broker *br, sse_channel *ch, const sse_event *ev,
                         sse_broker_published cb, void *ud);
+/* Its Redis client, for other commands of the app's (presence). */
+struct sse_redis *sse_broker_redis(sse_broker *br);
+
 /* A publish whose caller went away: its callback will not be called. */
 void sse_broker_forget(sse_broker *br, void *ud);
 

@@ -4,6 +4,7 @@
 local core = require("sse.core")
 local router = require("sse.router")
 local static = require("sse.static")
+local presence = require("sse.presence")
 local cjson = require("cjson")
 
 local M = {}
@@ -152,7 +153,11 @@ end
 local function broker_options(b)
   if b == nil then return nil end
   if type(b) == "string" then b = { url = b } end
-  check_options(b, { url = "string", prefix = "string", check_interval = "number" }, "sse.app: broker")
+  check_options(b, { url = "string", prefix = "string", check_interval = "number",
+                     presence_ttl = "number" }, "sse.app: broker")
+  if b.presence_ttl ~= nil and (b.presence_ttl < 1 or b.presence_ttl > 86400) then
+    error("sse.app: broker option 'presence_ttl' must be a number of seconds from 1 to 86400", 3)
+  end
   local url = b.url or "redis://127.0.0.1:6379"
   local rest = url:match("^redis://(.*)$")
   if not rest then
@@ -206,6 +211,8 @@ function M.new(opts)
     _port = opts.port or 8080,
     _workers = workers or 1,
     _broker = opts.broker ~= nil,
+    _broker_prefix = type(opts.broker) == "table" and opts.broker.prefix or "sse",
+    _presence_ttl = type(opts.broker) == "table" and opts.broker.presence_ttl or 30,
     _routes = router.new(),
     _before = {},
     _channels = {},
@@ -326,6 +333,7 @@ function App:channel(name, opts)
   end
   if not ch then
     ch = self._core:channel(name, history or 100)
+    presence.channel(self, ch)
     self._channels[name] = ch
   elseif history ~= nil and history ~= ch.history then
     error("app:channel: channel '" .. name .. "' exists with history " .. ch.history, 2)
