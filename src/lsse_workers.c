@@ -1,10 +1,12 @@
-/* The binding of sse_workers: core.workers (fork and supervise), core.reserve_port (the
- * parent holds the shared port), core.cpus. The facade (app:run with workers = N) is
+/* The binding of sse_workers: core.workers_start (fork, wait until they listen) and
+ * :supervise(), core.worker_ready, core.reserve_port (the parent holds the shared
+ * port), core.cpus. The facade (app:run with workers = N) is
  * what uses them; each worker runs the app's loop in its own process. */
 #include "lsse.h"
 #include "sse_server.h"
 #include "sse_workers.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -53,10 +55,15 @@ static int reservation_get(lua_State *L)
     return 1;
 }
 
-/* The Lua side of a supervision: the state and the table of core.workers' options. */
+/* A supervision, from core.workers_start to :supervise(). Its options table (run, log,
+ * started) is its user value, pushed for the duration of each call into C that may
+ * call back (opts is its index then). */
+#define WORKERS_MT "sse.workers"
+
 typedef struct supervision {
-    lua_State *L;
-    int        opts;
+    sse_workers *w;
+    lua_State   *L;
+    int          opts;
 } supervision;
 
 static int run_worker(void *ud, unsigned index)
@@ -104,37 +111,69 @@ static void started_hook(void *ud, unsigned index, pid_t pid)
     call_hook(s, "started", 2);
 }
 
-/* core.workers{ n, drain (seconds), run = fn(index) -> exit status, log = fn(level, msg),
- * started = fn(index, pid) }: returns when SIGTERM/SIGINT stopped them all (true), or
- * nil, err when none could be started. Returns in the parent only. */
-static int workers(lua_State *L)
+/* core.workers_start{ n, drain (seconds), run = fn(index) -> exit status, log = fn(level,
+ * msg), started = fn(index, pid) } -> supervision | nil, err: returns in the parent once
+ * every worker has called core.worker_ready() (it listens). */
+static int workers_start(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
     lua_getfield(L, 1, "n");
     lua_Integer n = luaL_checkinteger(L, -1);
     lua_getfield(L, 1, "drain");
     lua_Number drain = luaL_optnumber(L, -1, 5);
     lua_getfield(L, 1, "run");
     luaL_checktype(L, -1, LUA_TFUNCTION);
-    lua_pop(L, 3);
+    lua_settop(L, 1);
     luaL_argcheck(L, n >= 1 && n <= 1024, 1, "n must be 1 to 1024");
-    supervision s = { L, 1 };
+    supervision *s = lua_newuserdatauv(L, sizeof *s, 1);
+    s->w = NULL;
+    s->L = L;
+    s->opts = 1;
+    lua_pushvalue(L, 1);
+    lua_setiuservalue(L, 2, 1);
+    luaL_setmetatable(L, WORKERS_MT);
     sse_workers_config cfg = {
         .n = (unsigned)n,
         .drain_ms = drain > 0 ? (unsigned)(drain * 1000) : 0,
         .run = run_worker,
         .log = log_hook,
         .started = started_hook,
-        .ud = &s,
+        .ud = s,
     };
-    int rc = sse_workers_supervise(&cfg);
-    if (rc) {
+    int err;
+    s->w = sse_workers_start(&cfg, &err);
+    if (!s->w) {
         lua_pushnil(L);
-        lua_pushfstring(L, "could not start workers: %s", strerror(-rc));
+        lua_pushstring(L, err == -ECHILD ? "a worker ended before it listened (see the log)"
+                          : err == -ETIMEDOUT ? "the workers did not listen within 10 s"
+                          : strerror(-err));
         return 2;
     }
+    return 1;
+}
+
+/* supervision:supervise(): until SIGTERM/SIGINT, then every worker is stopped. true. */
+static int workers_supervise(lua_State *L)
+{
+    supervision *s = luaL_checkudata(L, 1, WORKERS_MT);
+    if (!s->w)
+        return luaL_error(L, "workers: already supervised");
+    lua_settop(L, 1);
+    lua_getiuservalue(L, 1, 1);
+    s->L = L;
+    s->opts = 2;
+    sse_workers *w = s->w;
+    s->w = NULL;
+    sse_workers_supervise(w);
     lua_pushboolean(L, 1);
     return 1;
+}
+
+static int worker_ready(lua_State *L)
+{
+    sse_workers_ready();
+    return 0;
 }
 
 static int cpus(lua_State *L)
@@ -152,8 +191,13 @@ void lsse_open_workers(lua_State *L)
         { NULL, NULL },
     };
     lsse_class(L, RESERVATION_MT, methods, meta);
-    lua_pushcfunction(L, workers);
-    lua_setfield(L, -2, "workers");
+    static const luaL_Reg wmethods[] = { { "supervise", workers_supervise }, { NULL, NULL } };
+    static const luaL_Reg wmeta[] = { { NULL, NULL } };
+    lsse_class(L, WORKERS_MT, wmethods, wmeta);
+    lua_pushcfunction(L, workers_start);
+    lua_setfield(L, -2, "workers_start");
+    lua_pushcfunction(L, worker_ready);
+    lua_setfield(L, -2, "worker_ready");
     lua_pushcfunction(L, reserve_port);
     lua_setfield(L, -2, "reserve_port");
     lua_pushcfunction(L, cpus);

@@ -3,6 +3,8 @@
 #include "sse_log.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -14,6 +16,7 @@
 #include <unistd.h>
 
 #define RESTART_MAX_MS 5000
+#define READY_WAIT_MS 10000
 #define QUICK_DEATH_MS 1000
 #define GRACE_MS 1000
 
@@ -23,6 +26,26 @@ typedef struct worker {
     int64_t  restart_at;   /* ms; when not running */
     unsigned pause_ms;     /* the next restart's pause, while it keeps dying young */
 } worker;
+
+struct sse_workers {
+    sse_workers_config cfg;
+    worker            *ws;
+    sigset_t           set, old;
+};
+
+/* In a worker started by sse_workers_start: where to say it is ready (-1: nobody asks). */
+static int ready_fd = -1;
+
+void sse_workers_ready(void)
+{
+    if (ready_fd >= 0) {
+        char one = 1;
+        ssize_t n = write(ready_fd, &one, 1);
+        (void)n;
+        close(ready_fd);
+        ready_fd = -1;
+    }
+}
 
 static int64_t now_ms(void)
 {
@@ -43,7 +66,8 @@ static void wlog(const sse_workers_config *cfg, int level, const char *fmt, ...)
     cfg->log(cfg->ud, level, msg);
 }
 
-static int start(const sse_workers_config *cfg, worker *w, unsigned index, const sigset_t *old)
+static int start(const sse_workers_config *cfg, worker *w, unsigned index, const sigset_t *old,
+                 int ready[2])
 {
     fflush(NULL);                 /* nothing buffered is written twice */
     pid_t pid = fork();
@@ -51,6 +75,10 @@ static int start(const sse_workers_config *cfg, worker *w, unsigned index, const
         return -errno;
     if (pid == 0) {
         sigprocmask(SIG_SETMASK, old, NULL);
+        if (ready) {
+            close(ready[0]);
+            ready_fd = ready[1];
+        }
         int status = cfg->run(cfg->ud, index);
         fflush(NULL);
         _exit(status);            /* not exit(): the parent's atexit work is the parent's */
@@ -132,32 +160,92 @@ static void stop_all(const sse_workers_config *cfg, worker *ws, const sigset_t *
     }
 }
 
-int sse_workers_supervise(const sse_workers_config *cfg)
+/* Drops the SIGCHLDs of workers that ended, before the mask is restored. */
+static void drain_sigchld(void)
 {
+    struct timespec zero = { 0, 0 };
+    sigset_t chld;
+    sigemptyset(&chld);
+    sigaddset(&chld, SIGCHLD);
+    while (sigtimedwait(&chld, NULL, &zero) > 0) {
+    }
+}
+
+static void finish(sse_workers *w)
+{
+    drain_sigchld();
+    sigprocmask(SIG_SETMASK, &w->old, NULL);
+    free(w->ws);
+    free(w);
+}
+
+sse_workers *sse_workers_start(const sse_workers_config *cfg, int *err)
+{
+    *err = -EINVAL;
     if (cfg->n < 1 || !cfg->run)
-        return -EINVAL;
-    worker *ws = calloc(cfg->n, sizeof *ws);
-    if (!ws)
-        return -ENOMEM;
-    sigset_t set, old;
-    sigemptyset(&set);
-    sigaddset(&set, SIGCHLD);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    sigprocmask(SIG_BLOCK, &set, &old);
+        return NULL;
+    sse_workers *w = calloc(1, sizeof *w);
+    worker *ws = w ? calloc(cfg->n, sizeof *ws) : NULL;
+    int ready[2] = { -1, -1 };
+    if (!ws || pipe2(ready, O_CLOEXEC) != 0) {
+        *err = ws ? -errno : -ENOMEM;
+        free(ws);
+        free(w);
+        return NULL;
+    }
+    w->cfg = *cfg;
+    w->ws = ws;
+    sigemptyset(&w->set);
+    sigaddset(&w->set, SIGCHLD);
+    sigaddset(&w->set, SIGTERM);
+    sigaddset(&w->set, SIGINT);
+    sigprocmask(SIG_BLOCK, &w->set, &w->old);
     int rc = 0;
-    for (unsigned i = 0; i < cfg->n; i++) {
-        int e = start(cfg, &ws[i], i + 1, &old);
-        if (e && i == 0) {
-            rc = e;
-            goto out;
+    for (unsigned i = 0; i < cfg->n && !rc; i++)
+        rc = start(cfg, &ws[i], i + 1, &w->old, ready);
+    close(ready[1]);
+    /* Each worker writes one byte once it listens; one that ends first closes its end,
+     * and when every end is closed the read sees EOF. */
+    unsigned n = 0;
+    int64_t deadline = now_ms() + READY_WAIT_MS;
+    while (!rc && n < cfg->n) {
+        struct pollfd p = { .fd = ready[0], .events = POLLIN };
+        if (now_ms() >= deadline) {
+            rc = -ETIMEDOUT;
+            break;
         }
-        if (e) {                  /* try again from the loop */
-            ws[i].restart_at = now_ms() + 100;
-            ws[i].pause_ms = 100;
+        if (poll(&p, 1, 100) > 0) {
+            char buf[64];
+            ssize_t got = read(ready[0], buf, sizeof buf);
+            if (got > 0)
+                n += (unsigned)got;
+        }
+        int status;
+        pid_t pid = waitpid(-1, &status, WNOHANG);
+        if (pid > 0) {             /* a worker ended before it was serving */
+            for (unsigned i = 0; i < cfg->n; i++)
+                if (ws[i].pid == pid)
+                    ws[i].pid = 0;
+            rc = -ECHILD;
         }
     }
-    wlog(cfg, SSE_LOG_INFO, "started %u workers", cfg->n);
+    close(ready[0]);
+    if (rc) {
+        wlog(cfg, SSE_LOG_ERROR, "workers: %s", rc == -ECHILD ? "a worker ended before it listened"
+             : rc == -ETIMEDOUT ? "the workers did not listen within 10 s" : strerror(-rc));
+        stop_all(cfg, ws, &w->set);
+        finish(w);
+        *err = rc;
+        return NULL;
+    }
+    wlog(cfg, SSE_LOG_INFO, "%u workers serving", cfg->n);
+    return w;
+}
+
+int sse_workers_supervise(sse_workers *w)
+{
+    const sse_workers_config *cfg = &w->cfg;
+    worker *ws = w->ws;
     for (;;) {
         int64_t next = -1;
         for (unsigned i = 0; i < cfg->n; i++)
@@ -168,10 +256,10 @@ int sse_workers_supervise(const sse_workers_config *cfg)
             wait = 0;
         struct timespec ts = { (time_t)(wait / 1000), (long)(wait % 1000) * 1000000L };
         siginfo_t info;
-        int sig = sigtimedwait(&set, &info, &ts);
+        int sig = sigtimedwait(&w->set, &info, &ts);
         if (sig == SIGTERM || sig == SIGINT) {
             wlog(cfg, SSE_LOG_INFO, "stopping %u workers (%s)", running(cfg, ws), strsignal(sig));
-            stop_all(cfg, ws, &set);
+            stop_all(cfg, ws, &w->set);
             break;
         }
         reap(cfg, ws, 0);
@@ -179,25 +267,14 @@ int sse_workers_supervise(const sse_workers_config *cfg)
         for (unsigned i = 0; i < cfg->n; i++) {
             if (ws[i].pid || ws[i].restart_at > now)
                 continue;
-            if (start(cfg, &ws[i], i + 1, &old) != 0) {
+            if (start(cfg, &ws[i], i + 1, &w->old, NULL) != 0) {
                 ws[i].pause_ms = ws[i].pause_ms ? ws[i].pause_ms : 100;
                 ws[i].restart_at = now + ws[i].pause_ms;
             }
         }
     }
-out:
-    /* SIGCHLDs of the workers are pending: drop them before restoring the mask. */
-    {
-        struct timespec zero = { 0, 0 };
-        sigset_t chld;
-        sigemptyset(&chld);
-        sigaddset(&chld, SIGCHLD);
-        while (sigtimedwait(&chld, NULL, &zero) > 0) {
-        }
-    }
-    sigprocmask(SIG_SETMASK, &old, NULL);
-    free(ws);
-    return rc;
+    finish(w);
+    return 0;
 }
 
 unsigned sse_workers_cpus(void)

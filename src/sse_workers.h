@@ -21,10 +21,16 @@ typedef struct sse_workers_config {
     void  *ud;
 } sse_workers_config;
 
-/* In the parent: forks the workers and supervises them until SIGTERM or SIGINT, then
- * stops them. 0, or -errno when not even the first worker could be forked. Signals are
- * blocked in the parent meanwhile and restored (in the workers too) before it returns. */
-int sse_workers_supervise(const sse_workers_config *cfg);
+/* In the parent: forks the workers and returns once each has called sse_workers_ready
+ * (it is serving) or ended, at most 10 s. NULL with *err (-errno, or -ECHILD when a
+ * worker ended before it was ready) on failure; the workers started are stopped then.
+ * Signals (SIGCHLD, SIGTERM, SIGINT) stay blocked in the parent until supervise returns. */
+typedef struct sse_workers sse_workers;
+sse_workers *sse_workers_start(const sse_workers_config *cfg, int *err);
+/* Supervises them until SIGTERM or SIGINT, then stops them; frees w. 0 or -errno. */
+int  sse_workers_supervise(sse_workers *w);
+/* In a worker, once it listens: tells the parent. */
+void sse_workers_ready(void);
 
 /* The number of CPUs this process may run on ("auto"). */
 unsigned sse_workers_cpus(void);

@@ -11,7 +11,10 @@
 -- and "leave" (with an id), "presence" (sent to this client only, no id: who is online in
 -- a room right now), and "gap" when messages the client missed are no longer kept.
 -- Environment: PORT, HOST, RETRY (ms before a browser reconnects), HISTORY (messages
--- kept per room for replay).
+-- kept per room for replay), REDIS (e.g. redis://127.0.0.1:6379: rooms, history and
+-- who is online live in Redis, shared by every process), WORKERS (processes on one port;
+-- more than 1 needs REDIS).
+--   REDIS=redis://127.0.0.1:6379 WORKERS=2 lua5.4 examples/chat/server.lua
 local sse = require("sse")
 local cjson = require("cjson")
 
@@ -19,6 +22,8 @@ local app = sse.app({
   host = os.getenv("HOST") or "127.0.0.1",
   port = tonumber(os.getenv("PORT")) or 8080,
   retry = math.tointeger(tonumber(os.getenv("RETRY"))) or 500,  -- reconnect fast
+  broker = os.getenv("REDIS"),
+  workers = math.tointeger(tonumber(os.getenv("WORKERS"))),
 })
 local HISTORY = math.tointeger(tonumber(os.getenv("HISTORY"))) or 100
 local MAX_TOPICS, MAX_TEXT = 10, 2000
@@ -93,29 +98,33 @@ local function room(name)
   return ch
 end
 
-local online = {}     -- room -> { user -> number of open streams }
 local streams = {}    -- stream -> true, for the moderation endpoint
 
+-- Who is online is the rooms' presence (stream:join): every process's, with REDIS. A
+-- "join" is published when a user's first stream joins, a "leave" when the last leaves.
 local function join(stream)
   for _, name in ipairs(stream.rooms) do
-    local users = online[name] or {}
-    online[name] = users
-    users[stream.user] = (users[stream.user] or 0) + 1
-    if users[stream.user] == 1 then
-      room(name):publish({ event = "join", data = { room = name, user = stream.user } })
+    local ch = room(name)
+    local before = ch:presence() or {}
+    stream:join(ch, stream.user, 1)
+    if not before[stream.user] then
+      ch:publish({ event = "join", data = { room = name, user = stream.user } })
     end
   end
 end
 
 local function leave(stream)
-  for _, name in ipairs(stream.rooms) do
-    local users = online[name]
-    users[stream.user] = users[stream.user] - 1
-    if users[stream.user] == 0 then
-      users[stream.user] = nil
-      room(name):publish({ event = "leave", data = { room = name, user = stream.user } })
+  -- from on_close, which cannot wait (publishing to Redis does): in a coroutine of its own
+  app:spawn(function()
+    for _, name in ipairs(stream.rooms) do
+      local ch = room(name)
+      stream:leave(ch)
+      local now = ch:presence()
+      if now and not now[stream.user] then
+        ch:publish({ event = "leave", data = { room = name, user = stream.user } })
+      end
     end
-  end
+  end)
 end
 
 -- ---- routes ----
@@ -147,7 +156,7 @@ app:stream("/sse/subscribe", function(stream, req)
     leave(stream)
   end)
   for _, name in ipairs(stream.rooms) do
-    stream:send({ event = "presence", data = { room = name, online = online[name] } })
+    stream:send({ event = "presence", data = { room = name, online = room(name):presence() or {} } })
   end
   -- Returning keeps the stream open: it is subscribed.
 end)
@@ -161,8 +170,11 @@ app:post("/rooms/:room/messages", function(req)
   if not user then
     return bad_request(text)
   end
-  local id = room(name):publish({ data = { room = name, user = user, text = text,
-                                           time = os.date("!%Y-%m-%dT%H:%M:%SZ") } })
+  local id, err = room(name):publish({ data = { room = name, user = user, text = text,
+                                                time = os.date("!%Y-%m-%dT%H:%M:%SZ") } })
+  if not id then
+    return 503, { error = err }   -- Redis is away; the page may try again
+  end
   return 201, { id = id }
 end)
 
@@ -171,7 +183,11 @@ app:get("/rooms/:room/users", function(req)
   if not valid_name(name) then
     return bad_request("room names are " .. NAME_RULE)
   end
-  return { room = name, online = online[name] or {} }
+  local online, err = room(name):presence()
+  if not online then
+    return 503, { error = err }
+  end
+  return { room = name, online = online }
 end)
 
 app:post("/admin/kick", function(req)

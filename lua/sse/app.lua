@@ -711,9 +711,12 @@ local function read_file(path, what)
   return text
 end
 
--- Workers: the parent only reserves the port (SO_REUSEPORT, not listening); each worker
--- listens on it from its own process (sse_workers.c).
-local function reserve(self)
+local run_worker
+
+-- Workers: the parent reserves the port (SO_REUSEPORT, not listening) and starts the
+-- workers, each listening on it from its own process (sse_workers.c); listen returns once
+-- they all do, so the URL it gives is served. run() then supervises them.
+local function start_workers(self)
   if next(self._channels) and not self._broker then
     error("app:listen: with workers > 1 channels need a broker (app option broker): each "
       .. "worker process would have channels of its own", 3)
@@ -726,12 +729,24 @@ local function reserve(self)
   self.port = r.port
   local host = self.host:find(":", 1, true) and "[" .. self.host .. "]" or self.host
   self.url = (self._tls and "https://" or "http://") .. host .. ":" .. self.port
+  local sup, err = core.workers_start({
+    n = self._workers,
+    drain = self._shutdown_timeout,
+    run = function(index) return run_worker(self, index) end,
+    log = function(level, msg) self:_log(level, msg) end,
+  })
+  if not sup then
+    r:close()
+    self._reservation = nil
+    return nil, err, "EWORKERS"
+  end
+  self._supervisor = sup
   return true
 end
 
 function App:listen()
   if self._workers > 1 then
-    return reserve(self)
+    return start_workers(self)
   end
   local cert, key, err, code
   if self._tls then
@@ -773,7 +788,7 @@ function App:step(timeout)
 end
 
 -- A worker's life: its own loop on the shared port, its log lines marked with its index.
-local function run_worker(self, index)
+function run_worker(self, index)
   self.worker = index
   self._reservation:close()
   self._workers = 1              -- from here on a single-process app
@@ -782,28 +797,27 @@ local function run_worker(self, index)
     self._logger = function(level, msg) log(level, "worker " .. index .. ": " .. msg) end
   end
   self._core:forked(self.port)
-  local ok, err = self:run()
+  local ok, err = self:listen()
   if not ok then
     self:_log("error", "cannot listen: " .. tostring(err))
     return 1
   end
+  core.worker_ready()
+  self:run()
   return 0
 end
 
 function App:run()
   if self._workers > 1 then
-    if not self._reservation then
+    if not self._supervisor then
       local ok, err, code = self:listen()
       if not ok then return nil, err, code end
     end
-    local ok, err = core.workers({
-      n = self._workers,
-      drain = self._shutdown_timeout,
-      run = function(index) return run_worker(self, index) end,
-      log = function(level, msg) self:_log(level, msg) end,
-    })
+    local sup = self._supervisor
+    self._supervisor = nil
+    sup:supervise()
     self._reservation:close()
-    return ok, err
+    return true
   end
   if not self._core.listening then
     local ok, err, code = self:listen()

@@ -1,5 +1,5 @@
 -- App processes for the specs: a Lua script run with this checkout's modules, its URL
--- read from the first line it prints, stopped by PID.
+-- read from what it prints (the first http://host:port), stopped by PID.
 --
 --   local process = require("support.process")
 --   local p = process.start("spec/fixtures/broker_app.lua", { BROKER = url })
@@ -51,7 +51,7 @@ function M.start(script, env)
   local deadline = socket.gettime() + 10
   while true do
     local out = read_all(dir .. "/out") or ""
-    local url = out:match("^(http%S+)\n")
+    local url = out:match("(https?://[%w%.%-]+:%d+)")
     if url then
       self.url = url
       self.port = tonumber(url:match(":(%d+)$"))
