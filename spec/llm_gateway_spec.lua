@@ -4,76 +4,19 @@
 -- process (or, where the test must see what arrives upstream, an app in this process); the
 -- gateway is a process too. Both start on port 0 and are read their printed URL.
 local client = require("support.client")
+local process = require("support.process")
 local cjson = require("cjson")
 local socket = require("socket")
 
 local gettime = client.gettime
-local ROOT = (function()
-  local p = io.popen("pwd")
-  local d = p:read("l")
-  p:close()
-  return d
-end)()
+-- ---- processes (spec/support/process.lua) ----
 
--- ---- processes ----
-
-local procs = {}
-
-local function start_process(script, env, timeout)
-  local out = os.tmpname()
-  local vars = { "LUA_PATH=" .. client.shell_quote(ROOT .. "/lua/?.lua;" .. ROOT .. "/lua/?/init.lua;;"),
-                 "LUA_CPATH=" .. client.shell_quote(ROOT .. "/build/lib/?.so;;"), "PORT=0" }
-  for k, v in pairs(env or {}) do vars[#vars + 1] = k .. "=" .. client.shell_quote(tostring(v)) end
-  -- the child first closes what it inherited beyond 0-2 (a copy of one of our sockets
-  -- would keep that connection open after the test closed it)
-  local closer = [[bash -c 'for fd in /proc/$$/fd/*; do n=${fd##*/}; ]]
-    .. [[[ "$n" -gt 2 ] && eval "exec $n>&-"; done; exec "$@"' llm-spec]]
-  local cmd = (closer .. " env %s stdbuf -oL -eL lua5.4 %s > %s 2>&1 < /dev/null & echo $!"):format(
-    table.concat(vars, " "), client.shell_quote(ROOT .. "/" .. script), client.shell_quote(out))
-  local p = assert(io.popen(cmd))
-  local pid = tonumber(p:read("l"))
-  p:close()
-  local proc = { pid = pid, out = out }
-  procs[proc] = true
-  local deadline = gettime() + (timeout or 10)
-  while gettime() < deadline do
-    local f = io.open(out)
-    local text = f and f:read("a") or ""
-    if f then f:close() end
-    local url = text:match("(http://127%.0%.0%.1:%d+)")
-    if url then
-      proc.url, proc.port = url, tonumber(url:match(":(%d+)$"))
-      return proc
-    end
-    socket.sleep(0.02)
-  end
-  error("no URL from " .. script .. " within the deadline")
-end
-
-local function output(proc)
-  local f = io.open(proc.out)
-  local text = f and f:read("a") or ""
-  if f then f:close() end
-  return text
-end
-
-local function stop(proc)
-  if not procs[proc] then return end
-  os.execute(("kill -KILL %d 2>/dev/null"):format(proc.pid))
-  procs[proc] = nil
-  os.remove(proc.out)
-end
-
+local function start_process(script, env) return process.start(script, env) end
+local function stop(proc) proc:kill("KILL") end
+local function output(proc) return proc:output() end
 -- What client.connect and client.wait need of an "app": a port, and a step (here: wait a
 -- little, or step an in-process upstream app meanwhile).
-local function remote(proc, app)
-  return {
-    port = proc.port,
-    step = function(_, t)
-      if app then app:step(t) else socket.sleep(t or 0.005) end
-    end,
-  }
-end
+local function remote(proc, app) return proc:app(app) end
 
 local ENDPOINT = "/v1/chat/completions"
 local function body(prompt, extra)
@@ -129,7 +72,7 @@ describe("the LLM gateway", function()
 
   after_each(function()
     client.cleanup()
-    for proc in pairs(procs) do stop(proc) end
+    process.stop_all()
   end)
 
   it("relays a streamed completion token for token, as it arrives", function()
@@ -205,7 +148,7 @@ end)
 describe("the LLM gateway's upstream request", function()
   after_each(function()
     client.cleanup()
-    for proc in pairs(procs) do stop(proc) end
+    process.stop_all()
   end)
 
   it("carries the body, Authorization and OpenAI headers; the upstream's status and headers come back", function()

@@ -3,81 +3,18 @@
 -- restart test runs the upstream as a process of its own (test/browser/fixtures/
 -- relay_upstream.lua), killed and started again on the same port.
 local client = require("support.client")
+local process = require("support.process")
 local relay = require("sse.relay")
 local cjson = require("cjson")
 local socket = require("socket")
 
 local gettime = client.gettime
 
-local ROOT = (function()
-  local p = io.popen("pwd")
-  local d = p:read("l")
-  p:close()
-  return d
-end)()
+-- ---- a second process (spec/support/process.lua) ----
 
--- ---- a second process ----
-
-local procs = {}
-
--- Starts `lua5.4 script` with env (PORT=0 unless given); waits for the first URL it prints.
--- Returns { pid, url, port, out (file) }.
-local function start_process(script, env, timeout)
-  local out = os.tmpname()
-  local vars = { "LUA_PATH=" .. client.shell_quote(ROOT .. "/lua/?.lua;" .. ROOT .. "/lua/?/init.lua;;"),
-                 "LUA_CPATH=" .. client.shell_quote(ROOT .. "/build/lib/?.so;;") }
-  env = env or {}
-  if env.PORT == nil then env.PORT = "0" end
-  for k, v in pairs(env) do vars[#vars + 1] = k .. "=" .. client.shell_quote(tostring(v)) end
-  -- The child closes every descriptor it inherited beyond 0-2 first: holding a copy of a
-  -- client socket of this process would keep that connection open after the test closes it.
-  local closer = [[bash -c 'for fd in /proc/$$/fd/*; do n=${fd##*/}; ]]
-    .. [[[ "$n" -gt 2 ] && eval "exec $n>&-"; done; exec "$@"' relay-spec]]
-  local cmd = (closer .. " env %s stdbuf -oL -eL lua5.4 %s > %s 2>&1 < /dev/null & echo $!"):format(
-    table.concat(vars, " "), client.shell_quote(ROOT .. "/" .. script), client.shell_quote(out))
-  local p = assert(io.popen(cmd))
-  local pid = tonumber(p:read("l"))
-  p:close()
-  local proc = { pid = pid, out = out }
-  procs[proc] = true
-  local deadline = gettime() + (timeout or 10)
-  while gettime() < deadline do
-    local f = io.open(out)
-    local text = f and f:read("a") or ""
-    if f then f:close() end
-    local url = text:match("(http://127%.0%.0%.1:%d+)")
-    if url then
-      proc.url, proc.port = url, tonumber(url:match(":(%d+)$"))
-      return proc
-    end
-    socket.sleep(0.02)
-  end
-  error("no URL from " .. script .. " within the deadline")
-end
-
-local function alive(pid)
-  local f = io.open("/proc/" .. pid .. "/stat")
-  if not f then return false end
-  local st = f:read("a"):match("^%d+ %b() (%a)")
-  f:close()
-  return st ~= nil and st ~= "Z" and st ~= "X"
-end
-
-local function kill(proc, sig)
-  if not procs[proc] then return end
-  os.execute(("kill -%s %d 2>/dev/null"):format(sig or "TERM", proc.pid))
-  local deadline = gettime() + 5
-  while alive(proc.pid) and gettime() < deadline do socket.sleep(0.01) end
-  procs[proc] = nil
-  os.remove(proc.out)
-end
-
-local function output(proc)
-  local f = io.open(proc.out)
-  local text = f and f:read("a") or ""
-  if f then f:close() end
-  return text
-end
+local function start_process(script, env) return process.start(script, env) end
+local function kill(proc, sig) proc:kill(sig) end
+local function output(proc) return proc:output() end
 
 -- A plain blocking GET to another process (JSON answer decoded).
 local function get_json(url)
@@ -102,7 +39,7 @@ end
 describe("relay", function()
   after_each(function()
     client.cleanup()
-    for proc in pairs(procs) do kill(proc, "KILL") end
+    process.stop_all()
   end)
 
   -- An upstream on the app itself: /up/ticks?n=&every= numbered events (id, event, data,

@@ -3,7 +3,8 @@
 --
 --   local process = require("support.process")
 --   local p = process.start("spec/fixtures/broker_app.lua", { BROKER = url })
---   p.url, p.port, p.pid; p:log(); p:kill("KILL"); p:stop(); process.stop_all()
+--   p.url, p.port, p.pid; p:log() (stderr), p:output() (both); p:kill("KILL"); p:stop();
+--   process.stop_all()
 --   local remote = p:app()   -- for support.client: client.connect(remote, "/events")
 local socket = require("socket")
 
@@ -41,7 +42,7 @@ function M.start(script, env)
   env = env or {}
   if env.PORT == nil then vars[#vars + 1] = "PORT=0" end
   for k, v in pairs(env) do vars[#vars + 1] = ("%s='%s'"):format(k, tostring(v)) end
-  local cmd = ("%s env %s lua5.4 %s </dev/null >%s/out 2>%s/err & echo $!")
+  local cmd = ("%s env %s stdbuf -oL lua5.4 %s </dev/null >%s/out 2>%s/err & echo $!")
     :format(M.CLOSER, table.concat(vars, " "), script, dir, dir)
   p = io.popen(cmd)
   local pid = tonumber(p:read("l"))
@@ -65,6 +66,7 @@ function M.start(script, env)
 end
 
 function Proc:log() return read_all(self.dir .. "/err") or "" end
+function Proc:output() return (read_all(self.dir .. "/out") or "") .. (read_all(self.dir .. "/err") or "") end
 function Proc:alive() return self.pid ~= nil and alive(self.pid) end
 
 -- Sends a signal ("TERM", "KILL") and waits (at most 10 s) for the process to end.
@@ -83,8 +85,14 @@ function Proc:stop()
 end
 
 -- Something support.client can connect to and "step" (the process runs by itself).
-function Proc:app()
-  return { port = self.port, step = function(_, t) socket.sleep(t or 0.005) end }
+-- app: an in-process app to step while waiting (else the wait just sleeps).
+function Proc:app(app)
+  return {
+    port = self.port,
+    step = function(_, t)
+      if app then app:step(t) else socket.sleep(t or 0.005) end
+    end,
+  }
 end
 
 function M.stop_all()
