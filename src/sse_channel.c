@@ -153,24 +153,6 @@ static const char *sent_id(const sse_chunk *c, size_t *len)
     return NULL;
 }
 
-void sse_channel_deliver(sse_channel *ch, uint64_t seq, sse_chunk *c, sse_chunk *nd)
-{
-    if (seq > ch->ids->seq)
-        ch->ids->seq = seq;
-    size_t id_len;
-    const char *id = sent_id(c, &id_len);
-    remember(ch, seq, c, nd, id, id_len);
-    for (unsigned i = 0; i < ch->nsubs; i++) {
-        sse_subscriber *sb = ch->subs[i]->owner;
-        sse_chunk *mine = sb->format == SSE_FORMAT_NDJSON ? nd : c;
-        /* While a replay is pending everything waits for it, so ids stay in order. */
-        if (sb->npending)
-            hold(sb, seq, mine);
-        else
-            push(sb, mine);
-    }
-}
-
 void sse_channel_remember(sse_channel *ch, uint64_t seq, sse_chunk *c, sse_chunk *nd)
 {
     if (seq > ch->ids->seq)
@@ -180,12 +162,30 @@ void sse_channel_remember(sse_channel *ch, uint64_t seq, sse_chunk *c, sse_chunk
     remember(ch, seq, c, nd, id, id_len);
 }
 
-void sse_channel_broadcast(sse_channel *ch, sse_chunk *c, sse_chunk *nd)
+/* Every subscriber gets the form it asked for. A kept event (seq > 0) waits while the
+ * subscriber's replay is pending, so ids stay in order; one kept nowhere (a gap, seq 0)
+ * goes out at once. */
+static void fan_out(sse_channel *ch, uint64_t seq, sse_chunk *c, sse_chunk *nd)
 {
     for (unsigned i = 0; i < ch->nsubs; i++) {
         sse_subscriber *sb = ch->subs[i]->owner;
-        push(sb, sb->format == SSE_FORMAT_NDJSON ? nd : c);
+        sse_chunk *mine = sb->format == SSE_FORMAT_NDJSON ? nd : c;
+        if (seq && sb->npending)
+            hold(sb, seq, mine);
+        else
+            push(sb, mine);
     }
+}
+
+void sse_channel_deliver(sse_channel *ch, uint64_t seq, sse_chunk *c, sse_chunk *nd)
+{
+    sse_channel_remember(ch, seq, c, nd);
+    fan_out(ch, seq, c, nd);
+}
+
+void sse_channel_broadcast(sse_channel *ch, sse_chunk *c, sse_chunk *nd)
+{
+    fan_out(ch, 0, c, nd);
 }
 
 void sse_channel_forget(sse_channel *ch, uint64_t dropped)
