@@ -91,7 +91,7 @@ end
 
 -- The session of a request's `sid` cookie, if it is valid.
 local function session_of(req)
-  local sid = (";" .. (req.headers.cookie or "")):match(";%s*sid=([^;%s]*)")
+  local sid = req.cookies.sid
   return sid and sessions[sid]
 end
 
@@ -130,9 +130,9 @@ end
 
 -- HttpOnly: page scripts cannot read it (an injected script cannot steal it).
 -- SameSite=Lax: other sites' pages cannot make the browser send it with a POST, which
--- protects /logout and /tokens from cross-site requests. Behind HTTPS add "; Secure".
+-- protects /logout and /tokens from cross-site requests. Behind HTTPS add secure = true.
 local function session_cookie(sid, max_age)
-  return ("sid=%s; Path=/; HttpOnly; SameSite=Lax; Max-Age=%d"):format(sid, max_age)
+  return sse.cookie("sid", sid, { path = "/", http_only = true, same_site = "Lax", max_age = max_age })
 end
 
 app:post("/login", function(req)

@@ -5,6 +5,7 @@ local core = require("sse.core")
 local router = require("sse.router")
 local static = require("sse.static")
 local presence = require("sse.presence")
+local request = require("sse.request")
 local cjson = require("cjson")
 
 local M = {}
@@ -571,13 +572,25 @@ local function stream_headers(self, req, route)
   return add_cors(self, req, headers)
 end
 
+-- The message handler of user code: a refusal (req:json()'s 400) stays as it is, any
+-- other error gets its traceback.
+local function on_error(e)
+  if request.is_refusal(e) then return e end
+  return traceback(e)
+end
+
+-- Runs a user function on req: true and what it returned, or false and the answer to
+-- send instead (its refusal, or 500 for an error, which is logged).
 local function call_user(self, req, what, fn)
-  local ok, a, b, c = xpcall(fn, traceback, req)
-  if not ok then
-    self:_log("error", req.method .. " " .. req.path .. ": " .. what .. ": " .. tostring(a))
-    return false
+  local ok, a, b, c = xpcall(fn, on_error, req)
+  if ok then
+    return true, a, b, c
   end
-  return true, a, b, c
+  if request.is_refusal(a) then
+    return false, plain(self, req, a.status, a.message .. "\n")
+  end
+  self:_log("error", req.method .. " " .. req.path .. ": " .. what .. ": " .. tostring(a))
+  return false, plain(self, req, 500, "internal server error\n")
 end
 
 -- A handler's values as a response, or 500 (logged) when they are not one.
@@ -637,6 +650,7 @@ end
 -- fn, req, opts to start a stream.
 function App:_dispatch(req)
   local q = req.query
+  request.wrap(req)   -- req:json(), req.cookies
   req.last_event_id = req.headers["last-event-id"] or q.lastEventId or q.last_event_id
   if self._cors and req.method == "OPTIONS" and req.headers["access-control-request-method"] then
     return preflight(self, req)
@@ -649,7 +663,7 @@ function App:_dispatch(req)
   for _, fn in ipairs(self._before) do
     local ok, a, b, c = call_user(self, req, "before", fn)
     if not ok then
-      return plain(self, req, 500, "internal server error\n")
+      return a, b, c
     end
     if a ~= nil then
       return user_response(self, req, "before", a, b, c)
@@ -660,7 +674,7 @@ function App:_dispatch(req)
   if route.accept then
     local ok, a, b, c = call_user(self, req, "accept", route.accept)
     if not ok then
-      return plain(self, req, 500, "internal server error\n")
+      return a, b, c
     end
     if a ~= nil then
       return user_response(self, req, "accept", a, b, c)
@@ -694,7 +708,7 @@ function App:_dispatch(req)
   end
   local ok, a, b, c = call_user(self, req, "handler", route.handler)
   if not ok then
-    return plain(self, req, 500, "internal server error\n")
+    return a, b, c
   end
   return user_response(self, req, "handler", a, b, c)
 end

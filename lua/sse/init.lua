@@ -1,6 +1,6 @@
 -- lua-sse: Server-Sent Events for Lua 5.4 on libmicrohttpd.
 --   local sse = require("sse")
---   sse.encode(ev), sse.comment(text), sse.parser(), sse.app(opts)
+--   sse.encode(ev), sse.comment(text), sse.parser(), sse.app(opts), sse.cookie(...)
 -- The event encoder and parser are C (sse.core); the app facade is sse.app.
 local core = require("sse.core")
 
@@ -9,6 +9,7 @@ local M = {
   comment = core.comment,
   parser = core.parser,
   version = core.version,
+  cookie = require("sse.request").cookie,
 }
 
 function M.app(opts)
