@@ -247,13 +247,15 @@ int  lsse_server_channel(lua_State *L);
 void lsse_free_channels(lsse_server *b);
 /* The channel at idx (raises if it is not one, or its app is closed). */
 sse_channel *lsse_check_channel(lua_State *L, int idx);
-/* Subscribes sb to ch with a replay after last (NULL: no replay), the gap event first
- * when events after it are no longer kept. Returns what sse_subscribe does (0, 1 if
+/* Subscribes sb to ch with a replay after last, the gap event first when events after it
+ * are no longer kept; without last, with the newest `first` kept events (0: none, as a
+ * fresh client; UINT_MAX: all). Returns what sse_subscribe does (0, 1 if
  * already subscribed, -ENOMEM), or 2: a channel on a broker whose history has not been
  * read yet; the subscription is made (and flushed) once it has. *n and *missed are what
  * sse_channel_resume_point says (0 when deferred). */
 int  lsse_channel_subscribe(lua_State *L, lsse_server *b, sse_channel *ch, sse_subscriber *sb,
-                            const char *last, size_t len, unsigned *n, int *missed);
+                            const char *last, size_t len, unsigned first, unsigned *n,
+                            int *missed);
 /* sb's stream has ended: its subscriptions still waiting for a history are dropped. */
 void lsse_channel_unwait(lsse_server *b, sse_subscriber *sb);
 /* server:redis(arg, ...): a command on the broker's Redis from an app coroutine. */
@@ -263,7 +265,10 @@ void lsse_open_broker(lua_State *L, lsse_server *b, int idx);
 /* Starts a channel stream for the channel at index ch, replaying after last_id (NULL:
  * none). Raises on failure. */
 void lsse_channel_stream(lua_State *L, sse_request *r, int ch, const sse_stream_opts *so,
-                         int format, long long retry, const char *last_id, size_t len);
+                         int format, long long retry, const char *last_id, size_t len,
+                         unsigned first);
+/* The `first` option at idx: nil (0), "newest" (1), "oldest" (UINT_MAX) or a count. */
+unsigned lsse_check_first(lua_State *L, int idx);
 /* The closed hook of a channel stream: frees it. */
 void lsse_channel_stream_closed(lsse_server *b, sse_stream *st);
 

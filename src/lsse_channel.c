@@ -13,6 +13,7 @@
 #include "sse_stream.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -20,8 +21,9 @@
 typedef struct lsse_waiter {
     sse_channel        *ch;
     sse_subscriber     *sb;
-    char               *last;
+    char               *last;        /* NULL: no last event id, the newest `first` instead */
     size_t              len;
+    unsigned            first;
     struct lsse_waiter *next;
 } lsse_waiter;
 
@@ -197,6 +199,23 @@ static sse_chunk *gap_event(lua_State *L, int format, const char *channel,
     return c;
 }
 
+unsigned lsse_check_first(lua_State *L, int idx)
+{
+    if (lua_isnoneornil(L, idx))
+        return 0;
+    if (lua_type(L, idx) == LUA_TSTRING) {
+        const char *s = lua_tostring(L, idx);
+        if (strcmp(s, "newest") == 0)
+            return 1;
+        if (strcmp(s, "oldest") == 0)
+            return UINT_MAX;
+        luaL_error(L, "first must be \"newest\", \"oldest\" or a count of events");
+    }
+    lua_Integer n = luaL_checkinteger(L, idx);
+    luaL_argcheck(L, n >= 0, idx, "first must be a count of events");
+    return n > (lua_Integer)UINT_MAX ? UINT_MAX : (unsigned)n;
+}
+
 sse_channel *lsse_check_channel(lua_State *L, int idx)
 {
     return check_channel(L, idx)->ch;
@@ -205,10 +224,10 @@ sse_channel *lsse_check_channel(lua_State *L, int idx)
 /* A subscription whose replay waits for ch's history: 2, 1 if sb is subscribed to ch
  * already, -ENOMEM. */
 static int wait_for_history(lsse_server *b, sse_channel *ch, sse_subscriber *sb,
-                            const char *last, size_t len)
+                            const char *last, size_t len, unsigned first)
 {
     lsse_waiter *w = calloc(1, sizeof *w);
-    if (!w || !(w->last = malloc(len + 1))) {
+    if (!w || (last && !(w->last = malloc(len + 1)))) {
         free(w);
         return -ENOMEM;
     }
@@ -218,9 +237,12 @@ static int wait_for_history(lsse_server *b, sse_channel *ch, sse_subscriber *sb,
         free(w);
         return rc;
     }
-    memcpy(w->last, last, len);
-    w->last[len] = '\0';
+    if (last) {
+        memcpy(w->last, last, len);
+        w->last[len] = '\0';
+    }
     w->len = len;
+    w->first = first;
     w->ch = ch;
     w->sb = sb;
     w->next = b->waiters;
@@ -231,36 +253,44 @@ static int wait_for_history(lsse_server *b, sse_channel *ch, sse_subscriber *sb,
 /* The replay of a subscription with last: its resume point and, when events after it
  * are gone, the gap event first. */
 static int resume(lua_State *L, sse_channel *ch, sse_subscriber *sb, const char *last,
-                  size_t len, uint64_t *after, sse_chunk **gap, unsigned *n, int *missed)
+                  size_t len, unsigned first, uint64_t *after, sse_chunk **gap, unsigned *n,
+                  int *missed)
 {
+    if (!last) {               /* no id: the newest `first` kept events */
+        *after = sse_channel_newest_after(ch, first, n);
+        *missed = 0;
+        *gap = NULL;
+        return 0;
+    }
     *n = sse_channel_resume_point(ch, last, len, after, missed);
     *gap = *missed ? gap_event(L, sb->format, sse_channel_name(ch), last, len) : NULL;
     return *missed && !*gap ? -ENOMEM : 0;
 }
 
 int lsse_channel_subscribe(lua_State *L, lsse_server *b, sse_channel *ch, sse_subscriber *sb,
-                           const char *last, size_t len, unsigned *n, int *missed)
+                           const char *last, size_t len, unsigned first, unsigned *n,
+                           int *missed)
 {
-    if (last && b->broker && !sse_broker_ready(b->broker, ch)) {
+    int replay = last != NULL || first > 0;
+    if (replay && b->broker && !sse_broker_ready(b->broker, ch)) {
         *n = 0;
         *missed = 0;
-        return wait_for_history(b, ch, sb, last, len);
+        return wait_for_history(b, ch, sb, last, len, first);
     }
     uint64_t after = 0;
     sse_chunk *gap = NULL;
-    if (last && resume(L, ch, sb, last, len, &after, &gap, n, missed) != 0)
+    *n = 0;
+    *missed = 0;
+    if (replay && resume(L, ch, sb, last, len, first, &after, &gap, n, missed) != 0)
         return -ENOMEM;
-    if (!last) {
-        *n = 0;
-        *missed = 0;
-    }
-    int rc = sse_subscribe(sb, ch, last != NULL, after, gap);
+    int rc = sse_subscribe(sb, ch, replay, after, gap);
     sse_chunk_unref(gap);
     return rc;
 }
 
 void lsse_channel_stream(lua_State *L, sse_request *r, int ch, const sse_stream_opts *so,
-                         int format, long long retry, const char *last_id, size_t len)
+                         int format, long long retry, const char *last_id, size_t len,
+                         unsigned first)
 {
     lsse_channel *c = check_channel(L, ch);
     lsse_substream *s = calloc(1, sizeof *s);
@@ -283,7 +313,7 @@ void lsse_channel_stream(lua_State *L, sse_request *r, int ch, const sse_stream_
      * ends the stream cleanly. */
     unsigned n;
     int missed;
-    if (lsse_channel_subscribe(L, c->b, c->ch, &s->sub, last_id, len, &n, &missed) < 0)
+    if (lsse_channel_subscribe(L, c->b, c->ch, &s->sub, last_id, len, first, &n, &missed) < 0)
         sse_stream_close(st);
     sse_subscriber_flush(&s->sub);
 }
@@ -423,7 +453,7 @@ static int subscribe_waiter(lua_State *L)
     sse_chunk *gap = NULL;
     unsigned n;
     int missed;
-    if (resume(L, w->ch, w->sb, w->last, w->len, &after, &gap, &n, &missed) == 0 &&
+    if (resume(L, w->ch, w->sb, w->last, w->len, w->first, &after, &gap, &n, &missed) == 0 &&
         sse_subscriber_resolve(w->sb, w->ch, after, gap) == 0)
         sse_subscriber_flush(w->sb);
     sse_chunk_unref(gap);

@@ -235,7 +235,9 @@ static void answer(lua_State *L, lsse_server *b, sse_request *r)
         lua_getfield(L, 2, "last_event_id");
         size_t len = 0;
         const char *last = lua_tolstring(L, -1, &len);
-        lsse_channel_stream(L, r, 1, &so, format, retry, last, len);
+        lua_getfield(L, 3, "first");
+        unsigned first = lsse_check_first(L, -1);
+        lsse_channel_stream(L, r, 1, &so, format, retry, last, len, first);
         return;
     }
     lsse_stream_start(L, b, r, 1, 2, &so, format, retry);

@@ -148,8 +148,9 @@ static int stream_pending(lua_State *L)
     return 1;
 }
 
-/* stream:subscribe(ch [, last_event_id]) -> replayed, missed
- * Without the argument the request's last event id is used; false: no replay. */
+/* stream:subscribe(ch [, last_event_id [, { first = ... }]]) -> replayed, missed
+ * Without the argument (or nil) the request's last event id is used; false: no replay.
+ * first ("newest", "oldest", a count): what a subscriber without an id gets of the past. */
 static int stream_subscribe(lua_State *L)
 {
     lsse_stream *s = check_stream(L, 1);
@@ -159,7 +160,14 @@ static int stream_subscribe(lua_State *L)
         lua_pushliteral(L, "closed");
         return 2;
     }
-    if (lua_isnone(L, 3)) {
+    unsigned first = 0;
+    if (!lua_isnoneornil(L, 4)) {
+        luaL_checktype(L, 4, LUA_TTABLE);
+        lua_getfield(L, 4, "first");
+        first = lsse_check_first(L, -1);
+    }
+    lua_settop(L, 3);
+    if (lua_isnil(L, 3)) {
         lua_getiuservalue(L, 1, UV_REQ);
         lua_getfield(L, -1, "last_event_id");
         lua_replace(L, 3);
@@ -171,7 +179,7 @@ static int stream_subscribe(lua_State *L)
         last = luaL_checklstring(L, 3, &len);
     unsigned n;
     int missed;
-    int rc = lsse_channel_subscribe(L, s->b, ch, &s->sub, last, len, &n, &missed);
+    int rc = lsse_channel_subscribe(L, s->b, ch, &s->sub, last, len, first, &n, &missed);
     if (rc < 0)
         return luaL_error(L, "stream:subscribe: out of memory");
     if (rc == 1) {          /* already subscribed: nothing new to replay */

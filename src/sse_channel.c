@@ -286,6 +286,16 @@ unsigned sse_channel_resume_point(const sse_channel *ch, const char *last_id, si
     return n;
 }
 
+uint64_t sse_channel_newest_after(const sse_channel *ch, unsigned n, unsigned *count)
+{
+    if (n >= ch->count) {
+        *count = ch->count;
+        return 0;
+    }
+    *count = n;
+    return hist_at(ch, ch->count - n - 1)->seq;
+}
+
 static sse_sub *find_sub(const sse_subscriber *sb, const sse_channel *ch)
 {
     for (sse_sub *s = sb->subs; s; s = s->next)

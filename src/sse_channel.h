@@ -152,6 +152,11 @@ void sse_channel_set_dropped(sse_channel *ch, uint64_t dropped);
 unsigned sse_channel_resume_point(const sse_channel *ch, const char *last_id, size_t len,
                                   uint64_t *after, int *missed);
 
+/* For a subscriber without a last event id that asks for the recent past: the sequence
+ * number after which the newest n kept events lie (0 when n covers all that is kept);
+ * *count is how many that is. */
+uint64_t sse_channel_newest_after(const sse_channel *ch, unsigned n, unsigned *count);
+
 /* Subscribes (0, 1 if already subscribed, -ENOMEM). With replay set, the kept events
  * after `after` (and `gap` first, if not NULL; the subscriber takes a reference) are sent
  * at the next sse_subscriber_flush, merged in order with what is published meanwhile. */

@@ -344,7 +344,7 @@ end
 
 local STREAM_OPTIONS = {
   method = "string", format = "string", retry = "number", heartbeat = "number|boolean",
-  headers = "table", gzip = "boolean", accept = "function",
+  headers = "table", gzip = "boolean", accept = "function", first = "string|number",
 }
 
 function App:stream(pattern, source, opts)
@@ -355,6 +355,14 @@ function App:stream(pattern, source, opts)
   -- A channel is served by C alone (no coroutine, no Lua object per client).
   if not is_channel(source) and type(source) ~= "function" then
     error("app:stream: source must be a function(stream, req) or a channel", 2)
+  end
+  local first = opts.first
+  if first ~= nil and first ~= "newest" and first ~= "oldest" and
+     (math.type(first) ~= "integer" or first < 0) then
+    error("app:stream: option 'first' must be \"newest\", \"oldest\" or a count of events", 2)
+  end
+  if first ~= nil and not is_channel(source) then
+    error("app:stream: option 'first' is for channel routes (a generator passes it to stream:subscribe)", 2)
   end
   if opts.format ~= nil and opts.format ~= "sse" and opts.format ~= "ndjson" then
     error("app:stream: option 'format' must be \"sse\" or \"ndjson\"", 2)
@@ -382,6 +390,7 @@ function App:stream(pattern, source, opts)
     format = opts.format,
     gzip = opts.gzip,
     accept = opts.accept,
+    first = opts.first,
   })
   return self
 end
@@ -704,6 +713,7 @@ function App:_dispatch(req)
       retry = route.retry,
       format = route.format,
       gzip = gzip,
+      first = route.first,
     }
   end
   local ok, a, b, c = call_user(self, req, "handler", route.handler)
