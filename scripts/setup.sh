@@ -10,7 +10,8 @@ packages=(build-essential cmake pkg-config git lua5.4 liblua5.4-dev luarocks
           libmicrohttpd-dev zlib1g-dev libcurl4-openssl-dev libhiredis-dev lua-cjson curl
           ca-certificates)
 if [[ "${SSE_SETUP_TEST:-0}" == 1 ]]; then
-  packages+=(lua-busted lua-socket valgrind openssl clang-14 libclang-rt-14-dev redis-server)
+  packages+=(lua-busted lua-socket valgrind openssl clang-14 libclang-rt-14-dev redis-server
+            lua-luv lua-cqueues)
 fi
 
 missing=()

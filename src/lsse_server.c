@@ -131,6 +131,19 @@ static int server_listen(lua_State *L)
     return 1;
 }
 
+/* The longest the next poll may wait (microseconds, -1: no limit) for the timers, MHD
+ * and pending work, and at most `timeout`. */
+static int64_t wait_limit(lsse_server *b, int64_t timeout)
+{
+    int ms = sse_loop_next_timeout(b->loop);
+    if (ms >= 0 && (timeout < 0 || (int64_t)ms * 1000 < timeout))
+        timeout = (int64_t)ms * 1000;
+    int64_t t = sse_server_timeout(b->srv);
+    if (t >= 0 && (timeout < 0 || t < timeout))
+        timeout = t;
+    return timeout;
+}
+
 /* server:step(timeout_seconds): one turn; a negative or nil timeout waits for activity. */
 static int server_step(lua_State *L)
 {
@@ -138,17 +151,31 @@ static int server_step(lua_State *L)
     lua_Number secs = luaL_optnumber(L, 2, -1);
     int64_t timeout = secs < 0 ? -1 : secs > 86400 ? 86400000000LL : (int64_t)llround(secs * 1e6);
     b->L = L;
-    int ms = sse_loop_next_timeout(b->loop);
-    if (ms >= 0 && (timeout < 0 || (int64_t)ms * 1000 < timeout))
-        timeout = (int64_t)ms * 1000;
-    int64_t t = sse_server_timeout(b->srv);
-    if (t >= 0 && (timeout < 0 || t < timeout))
-        timeout = t;
-    int rc = sse_loop_poll(b->loop, timeout);
+    int rc = sse_loop_poll(b->loop, wait_limit(b, timeout));
     sse_server_run(b->srv);
     if (rc < 0)
         return luaL_error(L, "epoll_wait: %s", strerror(-rc));
     return 0;
+}
+
+/* server:pollfd() -> the descriptor a host loop waits on (readable: call step(0)). */
+static int server_pollfd(lua_State *L)
+{
+    lsse_server *b = lsse_check_server(L, 1);
+    lua_pushinteger(L, sse_loop_fd(b->loop));
+    return 1;
+}
+
+/* server:timeout() -> seconds the host loop may wait before step(0), or nil: no limit. */
+static int server_timeout(lua_State *L)
+{
+    lsse_server *b = lsse_check_server(L, 1);
+    int64_t t = wait_limit(b, -1);
+    if (t < 0)
+        lua_pushnil(L);
+    else
+        lua_pushnumber(L, (lua_Number)t / 1e6);
+    return 1;
 }
 
 static int server_shutdown(lua_State *L)
@@ -248,6 +275,8 @@ void lsse_open_server(lua_State *L)
         { "fetch", lsse_server_fetch },
         { "catch_signals", server_catch_signals },
         { "forked", server_forked },
+        { "pollfd", server_pollfd },
+        { "timeout", server_timeout },
         { "redis", lsse_server_redis },
         { "channel", lsse_server_channel },
         { "close", server_gc },

@@ -75,6 +75,7 @@ int sse_loop_forked(sse_loop *l)
 }
 
 uint64_t sse_loop_now(const sse_loop *l) { return l->now; }
+int sse_loop_fd(const sse_loop *l) { return l->epfd; }
 void sse_loop_now_update(sse_loop *l) { l->now = mono_ms(); }
 
 int sse_loop_watch(sse_loop *l, sse_watch *w, uint32_t events)

@@ -50,6 +50,10 @@ int  sse_timer_start(sse_loop *l, sse_timer *t, uint64_t after_ms, uint64_t repe
 void sse_timer_stop(sse_loop *l, sse_timer *t);
 static inline int sse_timer_active(const sse_timer *t) { return t->slot != SSE_TIMER_IDLE; }
 
+/* The epoll descriptor: readable when a watched descriptor is ready (a host loop waits
+ * on it, with sse_loop_next_timeout for the timers, then polls with timeout 0). */
+int sse_loop_fd(const sse_loop *l);
+
 /* Milliseconds until the next timer is due (0 if overdue), or -1 with no timer. */
 int sse_loop_next_timeout(const sse_loop *l);
 

@@ -788,12 +788,41 @@ function App:listen()
   local host = self.host:find(":", 1, true) and "[" .. self.host .. "]" or self.host
   self.url = (self._tls and "https://" or "http://") .. host .. ":" .. self.port
   self._stopping = false
+  self.listening = true
   return true
 end
 
 local function shutdown(self)
   self._stopping = false
   self._core:shutdown(self._shutdown_timeout)
+  self.listening = false
+  if self._signals then          -- app:catch_signals: the app is done with them
+    self._core:catch_signals(nil)
+    self._signals = false
+  end
+end
+
+-- ---- embedding in another event loop ----
+
+-- The one descriptor a host loop waits on: readable when the app has work (then call
+-- app:step(0)); with app:timeout(), the longest the host may wait before calling it.
+function App:pollfd()
+  return self._core:pollfd()
+end
+
+function App:timeout()
+  if self._stopping then return 0 end
+  return self._core:timeout()
+end
+
+-- For a loop of your own (app:run does this itself): SIGINT and SIGTERM no longer kill the
+-- process or raise "interrupted!" in the middle of a turn; they stop the app gracefully
+-- (streams end cleanly) at the end of the current step, after which app.listening is
+-- false. The signals are delivered through app:pollfd(), so a host loop wakes for them.
+function App:catch_signals()
+  self._core:catch_signals(function() self._stopping = true end)
+  self._signals = true
+  return self
 end
 
 function App:step(timeout)
