@@ -105,7 +105,8 @@ local function problems(r)
   return table.concat(p, "; ")
 end
 
-print("| workload | server | delivered | events/s | p50 ms | p99 ms | server CPU-s per M | memory | vs Go | vs Nchan | spread |")
+print("| workload | server | delivered | events/s | p50 ms | p99 ms | server CPU-s per M | memory"
+  .. " | vs Go | vs Nchan | spread |")
 print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
 local failures = {}
 for _, w in ipairs(workloads) do

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets everything up and runs the whole test suite: the C tests (ctest, built with
+# Sets everything up and runs the whole test suite: luacheck, the C tests (ctest, built with
 # AddressSanitizer and UndefinedBehaviorSanitizer), the busted specs against a real
 # server, and the browser and Node tests (test/browser/, headless Chromium).
 # Ends with one line "N passed, N failed"; exits non-zero on any failure.
@@ -9,6 +9,13 @@ SSE_SETUP_TEST=1 bash scripts/setup.sh || { echo "0 passed, 1 failed"; exit 1; }
 
 passed=0 failed=0
 log=$(mktemp -d)
+
+# --- Lint: luacheck over every Lua file (.luacheckrc) — one test ---
+if luacheck --no-color -q . >"$log/luacheck" 2>&1; then
+  echo "luacheck: clean"; passed=$((passed + 1))
+else
+  cat "$log/luacheck"; echo "luacheck: warnings"; failed=$((failed + 1))
+fi
 
 # --- C tests, sanitized ---
 if cmake -S . -B build-asan -DSSE_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug >"$log/cmake" 2>&1 &&

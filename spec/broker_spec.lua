@@ -30,12 +30,6 @@ local function data(c)
   return out
 end
 
-local function seq(prefix, from, to)
-  local out = {}
-  for i = from, to do out[#out + 1] = prefix .. "-" .. i end
-  return out
-end
-
 local function gaps(c)
   local n = 0
   for _, ev in ipairs(c.events) do if ev.event == "gap" then n = n + 1 end end

@@ -115,7 +115,7 @@ describe("handlers that wait", function()
       stream:send("first")
       app:sleep(60)
     end)
-    local results = {}
+    local results
     app:get("/sleeper", function()
       results.sleep = { app:sleep(30) }
       return "never seen"

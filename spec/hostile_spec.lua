@@ -32,12 +32,6 @@ local CLK_TCK = 100             -- USER_HZ, the unit of utime/stime in /proc/PID
 ------------------------------------------------------------------------------------------
 -- Small helpers
 
-local function sh(cmd)
-  local p = io.popen(cmd .. " 2>&1")
-  local out = p:read("a")
-  p:close()
-  return out
-end
 
 local function read_all(path)
   local f = io.open(path, "rb")
@@ -518,12 +512,11 @@ describe("hostile clients", function()
           local st = c:wait_response(2)
           assert.are.equal(500, st, ("status %d to HTTP/%s: %s"):format(status, version, c:describe()))
           c:close()
-          local n = wait_until(function()
-            local k = #h.srv:grep("error", tostring(status)) - before
-            return k >= 1 and k
+          wait_until(function()
+            return #h.srv:grep("error", tostring(status)) - before >= 1
           end, 1)
           socket.sleep(0.05) -- a second line, if one comes, comes with the first
-          n = #h.srv:grep("error", tostring(status)) - before
+          local n = #h.srv:grep("error", tostring(status)) - before
           assert.are.equal(1, n, ("error lines mentioning %d after HTTP/%s:\n%s"):format(status,
             version, h.srv:show_log()))
         end

@@ -6,7 +6,6 @@
 local client = require("support.client")
 local process = require("support.process")
 local cjson = require("cjson")
-local socket = require("socket")
 
 local gettime = client.gettime
 -- ---- processes (spec/support/process.lua) ----

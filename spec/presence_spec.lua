@@ -30,7 +30,7 @@ describe("presence", function()
     client.wait(app, function() return room:presence().watch end, 3, "the watcher to join")
     local a1 = client.connect(app, "/join/ann")
     local a2 = client.connect(app, "/join/ann")
-    local b = client.connect(app, "/join/bob?leave=1")
+    client.connect(app, "/join/bob?leave=1")
     client.wait(app, function()
       local p = room:presence()
       return p.ann and p.watch and not p.bob

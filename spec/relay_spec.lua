@@ -14,7 +14,6 @@ local gettime = client.gettime
 
 local function start_process(script, env) return process.start(script, env) end
 local function kill(proc, sig) proc:kill(sig) end
-local function output(proc) return proc:output() end
 
 -- A plain blocking GET to another process (JSON answer decoded).
 local function get_json(url)
@@ -22,18 +21,6 @@ local function get_json(url)
   local body, code = http.request(url)
   assert(code == 200, "GET " .. url .. ": " .. tostring(code))
   return cjson.decode(body)
-end
-
--- Steps the app until the client has n events, with a message saying what came.
-local function events(c, n, timeout)
-  c:wait_events(n, timeout or 5)
-  return c.events
-end
-
-local function datas(list, from, to)
-  local out = {}
-  for i = from or 1, to or #list do out[#out + 1] = list[i].data end
-  return out
 end
 
 describe("relay", function()
@@ -44,7 +31,7 @@ describe("relay", function()
 
   -- An upstream on the app itself: /up/ticks?n=&every= numbered events (id, event, data,
   -- the retry given), counting its open streams and keeping the Last-Event-ID it was sent.
-  local function upstream_app(opts)
+  local function upstream_app()
     local app, logs = client.app({ heartbeat = false })
     local up = { open = 0, served = 0, last_ids = {}, headers = {} }
     app:stream("/up/ticks", function(stream, req)
@@ -275,7 +262,7 @@ describe("relay", function()
     end)
 
     it("gzip for a client that accepts it: each event readable as it arrives (curl --compressed)", function()
-      local app, up = upstream_app()
+      local app = upstream_app()
       relay.route(app, "/r/ticks", function() return app.url .. "/up/ticks?n=6&every=0.3" end)
       assert(app:listen())
       local raw = client.connect(app, "/r/ticks", { headers = { ["Accept-Encoding"] = "gzip" } })

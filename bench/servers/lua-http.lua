@@ -85,7 +85,7 @@ local server = assert(http_server.listen({
   port = tonumber(arg[1] or os.getenv("PORT") or 8080),
   onstream = onstream,
   -- a client that left is not an error worth a trace: note it and go on
-  onerror = function(_, context, op, err)
+  onerror = function(_, _, op, err)
     io.stderr:write("lua-http: ", tostring(op), ": ", tostring(err), "\n")
   end,
 }))

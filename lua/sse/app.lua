@@ -524,9 +524,8 @@ local function response(self, req, a, b, c)
     if not has_header(out, "content-type") then
       out["Content-Type"] = "text/plain; charset=utf-8"
     end
-  elseif btype == "userdata" and is_file(body) then
-    -- passed on untouched: C sends it from its descriptor, never as a Lua string
-  elseif body ~= nil then
+  elseif body ~= nil and not (btype == "userdata" and is_file(body)) then
+    -- (a file is passed on untouched: C sends it from its descriptor, never as a string)
     error("handler returned a " .. btype .. " body", 0)
   end
   status = status or (body == nil and 204 or 200)
@@ -690,7 +689,7 @@ function App:_dispatch(req)
     end
   end
   if route.stream then
-    local headers = stream_headers(self, req, route)
+    headers = stream_headers(self, req, route)
     local gzip = route.gzip
     if gzip == nil then
       gzip = self._gzip
@@ -745,9 +744,9 @@ local function start_workers(self)
     error("app:listen: with workers > 1 channels need a broker (app option broker): each "
       .. "worker process would have channels of its own", 3)
   end
-  local r, err = core.reserve_port(self.host, self._port)
+  local r, why = core.reserve_port(self.host, self._port)
   if not r then
-    return nil, err, err:find("in use", 1, true) and "EADDRINUSE" or "EIO"
+    return nil, why, why:find("in use", 1, true) and "EADDRINUSE" or "EIO"
   end
   self._reservation = r
   self.port = r.port

@@ -5,9 +5,10 @@
 -- tabs of one user count once, and leave when the last one goes). Without a broker that
 -- is the whole answer. With one, each process writes its members of a channel to a Redis
 -- hash of its own, "<prefix>:pp:<channel>:<process>", whose TTL (the broker option
--- presence_ttl, 30 s) it refreshes every third of it, and lists its process in the set "<prefix>:pp:<channel>": presence()
--- reads every live process's hash (one script), so a crashed process's members expire
--- with its hash (at most TTL seconds later), and the set forgets it.
+-- presence_ttl, 30 s) it refreshes every third of it, and lists its process in the set
+-- "<prefix>:pp:<channel>": presence() reads every live process's hash (one script), so a
+-- crashed process's members expire with its hash (at most TTL seconds later), and the set
+-- forgets it.
 --
 -- ch:presence_events(true): joins and leaves (a key new to, or gone from, this process's
 -- members of the channel) are published to the channel as `join` / `leave` events with
