@@ -180,7 +180,7 @@ int luaopen_sse_core(lua_State *L)
     lsse_open_workers(L);
     lua_pushcfunction(L, class_methods);
     lua_setfield(L, -2, "methods");
-    lua_pushliteral(L, "0.1.0");
+    lua_pushliteral(L, "0.2.0");
     lua_setfield(L, -2, "version");
     return 1;
 }
