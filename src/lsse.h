@@ -73,6 +73,7 @@ typedef struct lsse_server {
     struct lsse_fetch *fetches; /* fetches in flight, freed with the server */
     struct sse_broker *broker; /* channels on Redis (app option broker), or NULL */
     struct lsse_waiter *waiters; /* resumes waiting for a channel's history (lsse_channel.c) */
+    int64_t       created_us;  /* when the server was made (app:stats' uptime) */
 } lsse_server;
 
 /* Registers the class `name`: meta holds its metamethods; methods are what obj.name
@@ -245,6 +246,9 @@ int  lsse_server_timer(lua_State *L);   /* server:timer(after, every, fn) */
 void lsse_open_channel(lua_State *L);
 int  lsse_server_channel(lua_State *L);
 void lsse_free_channels(lsse_server *b);
+/* Sets channels, subscribers, publishes and channel_list ({ name, subscribers,
+ * publishes, history } each) in the table at t (app:stats). */
+void lsse_channel_stats(lua_State *L, lsse_server *b, int t);
 /* The channel at idx (raises if it is not one, or its app is closed). */
 sse_channel *lsse_check_channel(lua_State *L, int idx);
 /* Subscribes sb to ch with a replay after last, the gap event first when events after it

@@ -69,6 +69,34 @@ int lsse_server_channel(lua_State *L)
     return 1;
 }
 
+void lsse_channel_stats(lua_State *L, lsse_server *b, int t)
+{
+    lua_Integer subscribers = 0, publishes = 0;
+    lua_createtable(L, (int)b->nchannels, 0);
+    for (unsigned i = 0; i < b->nchannels; i++) {
+        sse_channel *ch = b->channels[i];
+        lua_createtable(L, 0, 4);
+        lua_pushstring(L, sse_channel_name(ch));
+        lua_setfield(L, -2, "name");
+        lua_pushinteger(L, sse_channel_subscribers(ch));
+        lua_setfield(L, -2, "subscribers");
+        lua_pushinteger(L, (lua_Integer)sse_channel_published(ch));
+        lua_setfield(L, -2, "publishes");
+        lua_pushinteger(L, sse_channel_history(ch));
+        lua_setfield(L, -2, "history");
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+        subscribers += sse_channel_subscribers(ch);
+        publishes += (lua_Integer)sse_channel_published(ch);
+    }
+    lua_setfield(L, t, "channel_list");
+    lua_pushinteger(L, b->nchannels);
+    lua_setfield(L, t, "channels");
+    lua_pushinteger(L, subscribers);
+    lua_setfield(L, t, "subscribers");
+    lua_pushinteger(L, publishes);
+    lua_setfield(L, t, "publishes");
+}
+
 void lsse_free_channels(lsse_server *b)
 {
     sse_broker_free(b->broker);    /* first: it points at the channels */

@@ -93,6 +93,7 @@ static int server_new(lua_State *L)
     lsse_new_anchors(L, b);
     luaL_setmetatable(L, SERVER_MT);
     b->ids.epoch = sse_ids_epoch();
+    b->created_us = sse_loop_now_us();
     b->high_water = cfg.queue_limit / 2 < (64 << 10) ? cfg.queue_limit / 2 : (64 << 10);
     cfg.ud = b;
     b->loop = sse_loop_new();
@@ -156,6 +157,34 @@ static int server_step(lua_State *L)
     if (rc < 0)
         return luaL_error(L, "epoll_wait: %s", strerror(-rc));
     return 0;
+}
+
+static void set_count(lua_State *L, const char *name, uint64_t v)
+{
+    lua_pushinteger(L, (lua_Integer)v);
+    lua_setfield(L, -2, name);
+}
+
+/* server:stats() -> { connections, streams, streams_started, events_sent, heartbeats,
+ * bytes_sent, dropped_slow, requests, channels, subscribers, publishes, channel_list } */
+static int server_stats(lua_State *L)
+{
+    lsse_server *b = lsse_check_server(L, 1);
+    sse_server_counts c;
+    sse_server_counts_get(b->srv, &c);
+    lua_createtable(L, 0, 12);
+    set_count(L, "connections", sse_server_connections(b->srv));
+    set_count(L, "streams", c.streams.live);
+    set_count(L, "streams_started", c.streams.started);
+    set_count(L, "events_sent", c.streams.events);
+    set_count(L, "heartbeats", c.streams.heartbeats);
+    set_count(L, "bytes_sent", c.streams.bytes);
+    set_count(L, "dropped_slow", c.streams.dropped_slow);
+    set_count(L, "requests", c.requests);
+    lua_pushnumber(L, (lua_Number)(sse_loop_now_us() - b->created_us) / 1e6);
+    lua_setfield(L, -2, "uptime");
+    lsse_channel_stats(L, b, lua_gettop(L));
+    return 1;
 }
 
 /* server:pollfd() -> the descriptor a host loop waits on (readable: call step(0)). */
@@ -276,6 +305,7 @@ void lsse_open_server(lua_State *L)
         { "catch_signals", server_catch_signals },
         { "forked", server_forked },
         { "pollfd", server_pollfd },
+        { "stats", server_stats },
         { "timeout", server_timeout },
         { "redis", lsse_server_redis },
         { "channel", lsse_server_channel },

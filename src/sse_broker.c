@@ -73,6 +73,8 @@ typedef struct bchan {
     sse_channel   *ch;
     char          *topic, *stream, *hash;   /* "<prefix>:t:<name>", ":s:", ":c:" */
     uint64_t       last_n, last_seq;        /* the newest event delivered here */
+    uint64_t       sub_n;                   /* the newest n pub/sub brought since the topic's
+                                               subscription was last (re)made; 0: none */
     int            ready;                   /* its history is read (again, after an epoch change) */
     int            fresh;                   /* never read yet: what the stream has is history */
     int            syncing, sync_again;
@@ -105,6 +107,8 @@ struct sse_broker {
     unsigned          check_ms;
     sse_timer         settle;                /* a second read after subscribing */
     int               freeing;
+    int               depth;                 /* inside a reply that runs the caller's code */
+    sse_timer         reap;                  /* frees the memory of a broker freed there */
     sse_redis_script *publish_script, *sync_script;
 };
 
@@ -242,6 +246,23 @@ static void drain_early(bchan *bc)
     }
 }
 
+/* The newest of the events before `before` (and after last_n) that will not come by
+ * pub/sub: the others may still be on their way, and are not a gap even when the stream
+ * no longer has them. Pub/sub brings every event published while the subscription
+ * stands, in order: once it has brought n = sub_n in the current subscription, every
+ * later event was published while subscribed too and is coming (a process's own
+ * replies overtake pub/sub, and a burst runs ahead of a short history); the events up
+ * to sub_n that it did not bring were published before the subscription and are only
+ * in the stream. Without sub_n (the subscription is new) nothing is known: all are
+ * taken as lost, as before. */
+static uint64_t lost_before(const bchan *bc, uint64_t before)
+{
+    uint64_t end = before - 1;
+    if (bc->sub_n && bc->sub_n < end)
+        end = bc->sub_n;
+    return end;
+}
+
 static void keep_early(bchan *bc, uint64_t n, uint64_t seq, sse_chunk *c, sse_chunk *nd)
 {
     unsigned i = 0;
@@ -309,9 +330,21 @@ static int read_entry(const redisReply *e, uint64_t *seq, uint64_t *n, const red
            (*j)->type == REDIS_REPLY_STRING;
 }
 
+static void on_sync_reply(bchan *bc, const redisReply *r, const char *err);
+
+/* The replies that run the caller's code (a publish's callback, the ready hook), which
+ * may free the broker, count themselves in br->depth (see sse_broker_free). */
 static void on_sync(void *ud, const redisReply *r, const char *err)
 {
     bchan *bc = ud;
+    sse_broker *br = bc->br;
+    br->depth++;
+    on_sync_reply(bc, r, err);
+    br->depth--;
+}
+
+static void on_sync_reply(bchan *bc, const redisReply *r, const char *err)
+{
     sse_broker *br = bc->br;
     bc->syncing = 0;
     if (br->freeing)
@@ -347,16 +380,21 @@ static void on_sync(void *ud, const redisReply *r, const char *err)
         if (n <= bc->last_n)
             continue;
         if (n > bc->last_n + 1) {          /* the stream no longer has what came between */
-            send_gap(bc);
-            bc->last_n = n - 1;
+            uint64_t lost = lost_before(bc, n);
+            if (lost > bc->last_n) {
+                send_gap(bc);
+                bc->last_n = lost;
+            }
         }
         sse_chunk *c = chunk_of(s->str, s->len), *nd = chunk_of(j->str, j->len);
         if (c && nd && first) {            /* history, not news: kept, sent to nobody */
             sse_channel_remember(bc->ch, seq, c, nd);
             bc->last_n = n;
             bc->last_seq = seq;
-        } else if (c && nd) {
+        } else if (c && nd && n == bc->last_n + 1) {
             deliver(bc, n, seq, c, nd);
+        } else if (c && nd) {
+            keep_early(bc, n, seq, c, nd); /* after those pub/sub is still bringing */
         }
         sse_chunk_unref(c);
         sse_chunk_unref(nd);
@@ -368,16 +406,22 @@ static void on_sync(void *ud, const redisReply *r, const char *err)
     if (bc->nearly) {
         if (count >= bc->early[0].n) {
             /* The script ran after the early one was stored, yet the stream lacks what
-             * came before it: trimmed (or history 0). */
-            send_gap(bc);
-            bc->last_n = bc->early[0].n - 1;
-            drain_early(bc);
+             * came before it: trimmed (or history 0). Gone, unless pub/sub brings it. */
+            uint64_t lost = lost_before(bc, bc->early[0].n);
+            if (lost > bc->last_n) {
+                send_gap(bc);
+                bc->last_n = lost;
+                drain_early(bc);
+            }
         } else {
             bc->sync_again = 1;            /* read before it was stored: read again */
         }
     } else if (count > bc->last_n) {
-        send_gap(bc);                      /* not received, and gone from the stream */
-        bc->last_n = count;
+        uint64_t lost = lost_before(bc, count + 1);
+        if (lost > bc->last_n) {
+            send_gap(bc);                  /* not received, and gone from the stream */
+            bc->last_n = lost;
+        }
     }
     if (!was_ready && br->hooks.ready)
         br->hooks.ready(br->hooks.ud, bc->ch);
@@ -420,6 +464,7 @@ static void epoch_seen(sse_broker *br, uint64_t epoch)
             while (bc->nearly)
                 drop_early(bc, 0);
             bc->last_n = bc->last_seq = 0;
+            bc->sub_n = 0;                 /* counts of the new epoch from here */
             bc->ready = 0;                 /* resumes wait for the new history */
         }
     }
@@ -488,9 +533,19 @@ static void forms(const pub *p, const char *id, size_t idlen, sse_chunk **c, sse
     (*nd)->len = (size_t)(o - (*nd)->data);
 }
 
+static void on_published_reply(pub *p, const redisReply *r, const char *err);
+
 static void on_published(void *ud, const redisReply *r, const char *err)
 {
     pub *p = ud;
+    sse_broker *br = p->bc->br;
+    br->depth++;
+    on_published_reply(p, r, err);
+    br->depth--;
+}
+
+static void on_published_reply(pub *p, const redisReply *r, const char *err)
+{
     sse_broker *br = p->bc->br;
     if (br->freeing)
         return;
@@ -636,9 +691,16 @@ static void on_message(void *ud, const char *topic, size_t tlen, const char *msg
     if (f[3] > len - at)
         return;
     if (f[0] != br->epoch) {
-        epoch_seen(br, f[0]);              /* read again from the stream */
+        /* Pub/sub and the command connection are not ordered with each other: this may
+         * be a message of the old epoch still unread here after a reply showed the new
+         * one, or one of a new epoch before any reply did. Only what a script reads on
+         * the command connection (in Redis's order) decides: the sync sees a new epoch
+         * if there is one, and reads the event from the stream. */
+        sync_channel(bc);
         return;
     }
+    if (f[2] > bc->sub_n)
+        bc->sub_n = f[2];
     sse_chunk *c = chunk_of(msg + at, f[3]);
     sse_chunk *nd = chunk_of(msg + at + f[3], len - at - f[3]);
     if (c && nd)
@@ -653,8 +715,10 @@ static void on_state(void *ud, int up, const char *why)
     if (!up) {
         blog(br, SSE_LOG_WARN, "redis: unavailable (%s): publishes fail until it is back; "
              "streams stay open", why ? why : "disconnected");
-        for (bchan *bc = br->channels; bc; bc = bc->next)
+        for (bchan *bc = br->channels; bc; bc = bc->next) {
             bc->syncing = 0;
+            bc->sub_n = 0;                 /* the subscriptions are made again */
+        }
         return;
     }
     blog(br, SSE_LOG_INFO, "redis: connected");
@@ -685,6 +749,9 @@ static void on_settle(sse_timer *t)
 
 /* ---- the broker ---- */
 
+static void release(sse_broker *br);
+static void on_reap(sse_timer *t);
+
 static char *key(const char *prefix, const char *kind, const char *name)
 {
     size_t n = strlen(prefix) + strlen(kind) + strlen(name) + 3;
@@ -712,6 +779,7 @@ sse_broker *sse_broker_new(sse_loop *loop, const sse_broker_config *cfg, sse_ids
     br->sync_script = sse_redis_script_new(SYNC_LUA, sizeof SYNC_LUA - 1);
     sse_timer_init(&br->check, on_check);
     sse_timer_init(&br->settle, on_settle);
+    sse_timer_init(&br->reap, on_reap);
     sse_redis_config rc = {
         .host = cfg->host, .port = cfg->port, .db = cfg->db, .password = cfg->password,
         .on_state = on_state, .on_message = on_message, .ud = br,
@@ -732,14 +800,32 @@ sse_broker *sse_broker_new(sse_loop *loop, const sse_broker_config *cfg, sse_ids
     return br;
 }
 
+static void on_reap(sse_timer *t)
+{
+    release((sse_broker *)((char *)t - offsetof(sse_broker, reap)));
+}
+
+/* From one of our callbacks (a publish's callback, the ready hook), sse_redis answers
+ * the commands still in flight on that connection with "closed" only once the callback
+ * has returned: those answers need the pubs and channels they point at. So the memory
+ * is released by a 0 ms timer then (run the loop once more before sse_loop_free, as
+ * for sse_redis_free); otherwise before this returns. No callback runs after this. */
 void sse_broker_free(sse_broker *br)
 {
-    if (!br)
+    if (!br || br->freeing)
         return;
     br->freeing = 1;
     sse_timer_stop(br->loop, &br->check);
     sse_timer_stop(br->loop, &br->settle);
     sse_redis_free(br->redis);            /* in-flight callbacks see br->freeing */
+    if (br->depth > 0)
+        sse_timer_start(br->loop, &br->reap, 0, 0);
+    else
+        release(br);
+}
+
+static void release(sse_broker *br)
+{
     while (br->pubs)
         pub_free(br, br->pubs);
     for (bchan *bc = br->channels, *next; bc; bc = next) {

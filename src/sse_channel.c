@@ -29,6 +29,7 @@ struct sse_channel {
     entry     *hist;           /* ring of the last `history` events */
     unsigned   history, head, count;
     uint64_t   dropped;        /* newest sequence number no longer kept (0: none) */
+    uint64_t   published;      /* events delivered (published here or by the broker) */
 };
 
 uint64_t sse_ids_epoch(void)
@@ -76,6 +77,7 @@ void sse_channel_free(sse_channel *ch)
 const char *sse_channel_name(const sse_channel *ch) { return ch->name; }
 unsigned sse_channel_subscribers(const sse_channel *ch) { return ch->nsubs; }
 unsigned sse_channel_history(const sse_channel *ch) { return ch->history; }
+uint64_t sse_channel_published(const sse_channel *ch) { return ch->published; }
 
 static entry *hist_at(const sse_channel *ch, unsigned i)
 {
@@ -180,6 +182,7 @@ static void fan_out(sse_channel *ch, uint64_t seq, sse_chunk *c, sse_chunk *nd)
 void sse_channel_deliver(sse_channel *ch, uint64_t seq, sse_chunk *c, sse_chunk *nd)
 {
     sse_channel_remember(ch, seq, c, nd);
+    ch->published++;
     fan_out(ch, seq, c, nd);
 }
 

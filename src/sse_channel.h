@@ -123,6 +123,7 @@ void         sse_channel_free(sse_channel *ch);  /* no subscriber may remain */
 const char  *sse_channel_name(const sse_channel *ch);
 unsigned     sse_channel_subscribers(const sse_channel *ch);
 unsigned     sse_channel_history(const sse_channel *ch);
+uint64_t     sse_channel_published(const sse_channel *ch);   /* events delivered to it */
 
 /* Encodes ev once and queues it to every subscriber. An event without an id is sent
  * with the app's id for its sequence number. Returns the sequence number, 0 on ENOMEM.

@@ -139,6 +139,7 @@ struct sse_server {
     sse_burst          accept_burst;
     int64_t            mhd_zero_since; /* MHD has asked to run at once since (us), or 0 */
     sse_request       *deferred;       /* requests whose answer comes later (sse_request_defer) */
+    uint64_t           requests;       /* answered (streams included), for app:stats() */
     int                reuseport;      /* a worker: the port is shared (sse_server_share_port) */
     unsigned           responding;     /* requests answered (not streams), not completed */
     int                conn_closed;    /* a connection closed during this MHD_run */
@@ -787,6 +788,7 @@ static enum MHD_Result start_request(sse_server *srv, struct MHD_Connection *con
 static void request_answered(sse_request *r, int stream)
 {
     r->answered = 1;
+    r->srv->requests++;
     if (!stream) {
         r->responding = 1;
         r->srv->responding++;
@@ -1232,6 +1234,12 @@ unsigned sse_server_connections(const sse_server *srv)
     const union MHD_DaemonInfo *di =
         MHD_get_daemon_info(srv->mhd, MHD_DAEMON_INFO_CURRENT_CONNECTIONS);
     return di ? di->num_connections : 0;
+}
+
+void sse_server_counts_get(const sse_server *srv, sse_server_counts *out)
+{
+    out->streams = srv->streams.counts;
+    out->requests = srv->requests;
 }
 
 int64_t sse_server_timeout(const sse_server *srv)

@@ -74,6 +74,13 @@ void sse_server_share_port(sse_server *s, int port);
 int  sse_port_reserve(const char *host, int port, int *fd, int *bound, char *err, size_t errlen);
 int  sse_server_listening(const sse_server *s);
 unsigned sse_server_connections(const sse_server *s);
+/* What the server has done since it was made: its streams' counts, and requests
+ * answered (responses and streams). */
+typedef struct sse_server_counts {
+    sse_stream_counts streams;
+    uint64_t          requests;
+} sse_server_counts;
+void sse_server_counts_get(const sse_server *s, sse_server_counts *out);
 
 /* How long the next poll may wait (microseconds; -1: no limit) so MHD and pending work
  * are served. */

@@ -25,6 +25,7 @@ struct sse_stream {
     unsigned         on_resume : 1; /* on ss->to_resume */
     unsigned         on_ready : 1;  /* on ss->ready */
     unsigned         want_drain : 1;
+    unsigned         counted : 1;   /* started: in ss->counts.live until COMPLETED */
     size_t           low_water;
     sse_timer        heartbeat;
     unsigned         heartbeat_ms;
@@ -101,6 +102,9 @@ static void set_state(sse_stream *st, sse_stream_state to)
         break;
     case SSE_STREAM_COMPLETED:
         sse_timer_stop(ss->loop, &st->heartbeat);
+        if (st->counted)
+            ss->counts.live--;
+        st->counted = 0;
         if (st->prev)
             st->prev->next = st->next;
         else
@@ -207,7 +211,10 @@ static void on_heartbeat(sse_timer *t)
     sse_loop *loop = st->ss->loop;
     uint64_t idle = sse_loop_now(loop) - st->last_write;
     if (idle >= st->heartbeat_ms) {
-        sse_stream_write(st, st->heartbeat_text, strlen(st->heartbeat_text));
+        if (sse_stream_write(st, st->heartbeat_text, strlen(st->heartbeat_text)) == 0) {
+            st->ss->counts.heartbeats++;
+            st->ss->counts.events--;          /* counted as a write, not an event */
+        }
         idle = 0;
     }
     if (st->state == SSE_STREAM_OPEN)
@@ -245,6 +252,9 @@ void sse_stream_started(sse_stream *st, void *conn, int fd, int peer_gone)
     if (ss->live)
         ss->live->prev = st;
     ss->live = st;
+    ss->counts.live++;
+    ss->counts.started++;
+    st->counted = 1;
     if (peer_gone)
         set_state(st, SSE_STREAM_DEAD);
     else if (st->heartbeat_ms)
@@ -297,6 +307,7 @@ ssize_t sse_stream_take(sse_stream *st, char *buf, size_t max)
     if (n < 0)
         return SSE_TAKE_ERROR;
     if (n > 0) {
+        st->ss->counts.bytes += (uint64_t)n;
         if (st->want_drain && st->q.bytes <= st->low_water) {
             st->want_drain = 0;
             defer_ready(st);
@@ -344,9 +355,11 @@ static int after_write(sse_stream *st)
                      st->peer, st->q.bytes, ss->queue_limit);
             ss->hooks.log(ss->hooks.ud, SSE_LOG_WARN, msg);
         }
+        ss->counts.dropped_slow++;
         set_state(st, SSE_STREAM_DEAD);
         return -EPIPE;
     }
+    ss->counts.events++;
     wake(st);
     return 0;
 }

@@ -59,6 +59,16 @@ typedef struct sse_stream_hooks {
 } sse_stream_hooks;
 
 /* All streams of one server. Embedded in the server; zero it, then sse_streams_init. */
+/* What the streams have done since the server started (app:stats, app:metrics). */
+typedef struct sse_stream_counts {
+    unsigned live;          /* streams started and not completed */
+    uint64_t started;       /* streams ever started */
+    uint64_t events;        /* events and comments queued to streams (heartbeats not) */
+    uint64_t heartbeats;
+    uint64_t bytes;         /* body bytes handed to libmicrohttpd (after gzip) */
+    uint64_t dropped_slow;  /* clients dropped past queue_limit */
+} sse_stream_counts;
+
 typedef struct sse_streams {
     sse_loop        *loop;
     sse_stream_hooks hooks;
@@ -72,6 +82,7 @@ typedef struct sse_streams {
     sse_stream      *ready;        /* ready hook due */
     sse_stream      *closed;       /* COMPLETED, closed hook due */
     sse_gzip_twins  *twins;        /* compresses shared chunks for gzip streams */
+    sse_stream_counts counts;      /* for app:stats() */
 } sse_streams;
 
 void sse_streams_init(sse_streams *ss, sse_loop *loop, const sse_stream_hooks *hooks,

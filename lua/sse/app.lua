@@ -801,6 +801,69 @@ local function shutdown(self)
   end
 end
 
+-- ---- figures ----
+
+-- app:stats() -> { connections, streams, subscribers, channels, events_sent, bytes_sent,
+-- dropped_slow, publishes, uptime, requests, heartbeats, streams_started, worker,
+-- channel_list = { { name, subscribers, publishes, history }, ... } }: this process's.
+function App:stats()
+  local t = self._core:stats()
+  t.worker = self.worker
+  return t
+end
+
+local METRICS = {
+  -- name, type, help, field of app:stats()
+  { "sse_connections", "gauge", "Open TCP connections.", "connections" },
+  { "sse_streams", "gauge", "Open event streams.", "streams" },
+  { "sse_subscribers", "gauge", "Channel subscriptions of open streams.", "subscribers" },
+  { "sse_channels", "gauge", "Channels in use.", "channels" },
+  { "sse_streams_started_total", "counter", "Event streams started.", "streams_started" },
+  { "sse_events_sent_total", "counter", "Events (and comments) queued to streams, heartbeats not counted.", "events_sent" },
+  { "sse_heartbeats_total", "counter", "Heartbeat comments sent to idle streams.", "heartbeats" },
+  { "sse_sent_bytes_total", "counter", "Stream body bytes handed to the network (after gzip).", "bytes_sent" },
+  { "sse_dropped_slow_total", "counter", "Clients dropped for falling past queue_limit.", "dropped_slow" },
+  { "sse_publishes_total", "counter", "Events delivered to channels.", "publishes" },
+  { "sse_requests_total", "counter", "Requests answered (responses and streams).", "requests" },
+  { "sse_uptime_seconds", "gauge", "Seconds since the app was created.", "uptime" },
+}
+
+local function label(v)
+  return (tostring(v):gsub("[\\\n\"]", { ["\\"] = "\\\\", ["\n"] = "\\n", ['"'] = '\\"' }))
+end
+
+-- The figures in the Prometheus text exposition format (version 0.0.4).
+function App:_metrics_text()
+  local st = self:stats()
+  local out = {}
+  local worker = st.worker and ('{worker="' .. st.worker .. '"}') or ""
+  for _, m in ipairs(METRICS) do
+    out[#out + 1] = ("# HELP %s %s\n# TYPE %s %s\n%s%s %s"):format(m[1], m[3], m[1], m[2], m[1], worker,
+      math.type(st[m[4]]) == "integer" and st[m[4]] or ("%.3f"):format(st[m[4]]))
+  end
+  out[#out + 1] = "# HELP sse_channel_subscribers Subscribers of a channel.\n# TYPE sse_channel_subscribers gauge"
+  for _, ch in ipairs(st.channel_list) do
+    out[#out + 1] = ('sse_channel_subscribers{channel="%s"} %d'):format(label(ch.name), ch.subscribers)
+  end
+  out[#out + 1] = "# HELP sse_channel_publishes_total Events delivered to a channel.\n"
+    .. "# TYPE sse_channel_publishes_total counter"
+  for _, ch in ipairs(st.channel_list) do
+    out[#out + 1] = ('sse_channel_publishes_total{channel="%s"} %d'):format(label(ch.name), ch.publishes)
+  end
+  return concat(out, "\n") .. "\n"
+end
+
+-- app:metrics(path): GET path answers the figures for Prometheus (this process's; with
+-- workers each worker answers for itself, labelled worker="N").
+function App:metrics(path)
+  if type(path) ~= "string" or path:sub(1, 1) ~= "/" then
+    error("app:metrics: path must start with '/'", 2)
+  end
+  return self:get(path, function()
+    return 200, self:_metrics_text(), { ["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8" }
+  end)
+end
+
 -- ---- embedding in another event loop ----
 
 -- The one descriptor a host loop waits on: readable when the app has work (then call
