@@ -722,9 +722,13 @@ static void on_state(void *ud, int up, const char *why)
         return;
     }
     blog(br, SSE_LOG_INFO, "redis: connected");
-    /* Whatever was published meanwhile is read from the streams. */
-    for (bchan *bc = br->channels; bc; bc = bc->next)
+    /* Whatever was published meanwhile is read from the streams. The subscriptions have
+     * just been made (again, maybe on a subscriber connection that dropped while the
+     * link was down already): what pub/sub brought before says nothing now. */
+    for (bchan *bc = br->channels; bc; bc = bc->next) {
+        bc->sub_n = 0;
         sync_channel(bc);
+    }
     sse_timer_start(br->loop, &br->settle, SETTLE_MS, 0);
 }
 
