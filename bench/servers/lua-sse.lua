@@ -4,9 +4,18 @@
 --   GET  /count?n=K  K events "data: <i>" (i = 1..K) on this connection, then the stream ends
 -- Usage: lua5.4 bench/servers/lua-sse.lua [port]   (or PORT=...; 0 picks a free port)
 -- Prints "ready <port>" once listening.
+-- BROKER=redis://host:port puts the channel in Redis (docs/broker.md): /pub then waits
+-- for Redis before its 204 (503 when Redis is unavailable). WORKERS=N (needs BROKER)
+-- runs N worker processes on the port; the one started only supervises them, so the
+-- work is its children's (bench/broker.sh measures them). Without either: one process,
+-- the channel in memory. HISTORY=N keeps N events per channel (default 0, the contract).
 local sse = require("sse")
 
 local port = tonumber(arg[1] or os.getenv("PORT") or 8080)
+local broker = os.getenv("BROKER")
+if broker == "" then broker = nil end
+local workers = tonumber(os.getenv("WORKERS") or "")
+local history = tonumber(os.getenv("HISTORY") or "") or 0
 
 local app = sse.app({
   port = port,
@@ -16,6 +25,8 @@ local app = sse.app({
   -- browser request with a 1 KB cookie, and an idle subscriber then costs < 9 KiB of RSS
   -- (the pool is most of a connection's memory; the library default is 16 KiB).
   connection_memory = 3072,
+  broker = broker,
+  workers = workers,
   log = function(level, msg)   -- warnings and errors only (dropped slow clients show up here)
     if level ~= "info" then
       io.stderr:write("lua-sse: ", level, ": ", msg, "\n")
@@ -23,12 +34,14 @@ local app = sse.app({
   end,
 })
 
--- No history: the benchmark measures live fan-out, not replay.
-local bus = app:channel("bench", { history = 0 })
+-- No history (unless HISTORY): the benchmark measures live fan-out, not replay.
+local bus = app:channel("bench", { history = history })
 app:stream("/sub", bus)
 
 app:post("/pub", function(req)
-  bus:publish({ data = req.body or "" })
+  -- in memory this returns at once; with a broker it waits for Redis (nil, err when down)
+  local id, err = bus:publish({ data = req.body or "" })
+  if not id then return 503, tostring(err) end
   return 204
 end)
 
