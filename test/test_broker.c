@@ -1079,7 +1079,7 @@ static void test_free(void)
     rec_init(&rb, SSE_FORMAT_SSE);
     live(&ra, ca);
     live(&rb, cb);
-    enum { N = 300 };
+    enum { N = 1000 };              /* replies: several reads of 16 KB, so A is freed midway */
     pubres *ra_res = calloc(N, sizeof *ra_res), *rb_res = calloc(N, sizeof *rb_res);
     /* B: freed before any was sent; A: after a few turns, with some answered. */
     for (int i = 0; i < N; i++)
@@ -1114,14 +1114,16 @@ static void test_free(void)
     proc D;
     proc_new(&D, "tb7", free_port());
     sse_channel *cd = attach(&D, "gone", 10);
-    pubres rd[3];
+    pubres rd[3], waiting;
     for (int i = 0; i < 3; i++)
         publish(&D, cd, "x", &rd[i]);
-    RUN_UNTIL(D.downs, 3000);
-    publish(&D, cd, "y", &rd[0]);
+    RUN_UNTIL(D.downs && rd[2].calls, 3000);
+    CHECK(rd[0].calls == 1 && rd[2].calls == 1 && strstr(rd[0].err, "unavailable"),
+          "refused while down: '%s'", rd[0].err);
+    publish(&D, cd, "y", &waiting);         /* refused, its answer due on the next turn */
     sse_broker_free(D.br);
     RUN_UNTIL(0, 100);
-    CHECK(rd[0].calls == 0, "no callback after free while down");
+    CHECK(waiting.calls == 0, "no callback after free while down");
     sse_channel_free(cd);
 
     /* Freed from inside a publish's callback, with more publishes and syncs in flight. */
