@@ -865,6 +865,15 @@ function App:metrics(path)
   end)
 end
 
+-- app:status_page(path): a live page of these figures at path, fed by its own stream at
+-- path .. "/events" (lua/sse/status.lua).
+function App:status_page(path)
+  if type(path) ~= "string" or path:sub(1, 1) ~= "/" then
+    error("app:status_page: path must start with '/'", 2)
+  end
+  return require("sse.status").mount(self, path)
+end
+
 -- ---- embedding in another event loop ----
 
 -- The one descriptor a host loop waits on: readable when the app has work (then call
