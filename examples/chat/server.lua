@@ -16,7 +16,6 @@
 -- more than 1 needs REDIS).
 --   REDIS=redis://127.0.0.1:6379 WORKERS=2 lua5.4 examples/chat/server.lua
 local sse = require("sse")
-local cjson = require("cjson")
 
 local app = sse.app({
   host = os.getenv("HOST") or "127.0.0.1",
@@ -58,9 +57,9 @@ local function parse_subscription(query)
   return query.user, rooms
 end
 
--- {user, text} from a JSON body, or nil and why not.
-local function parse_message(body)
-  local ok, msg = pcall(cjson.decode, body or "")
+-- {user, text} from a request's JSON body (req:json()), or nil and why not.
+local function parse_message(req)
+  local ok, msg = pcall(req.json, req)   -- a refusal (bad JSON, no body) is ours to word
   if not ok or type(msg) ~= "table" or msg[1] ~= nil then
     return nil, 'the body must be a JSON object {"user": ..., "text": ...}'
   end
@@ -166,7 +165,7 @@ app:post("/rooms/:room/messages", function(req)
   if not valid_name(name) then
     return bad_request("room names are " .. NAME_RULE)
   end
-  local user, text = parse_message(req.body)
+  local user, text = parse_message(req)
   if not user then
     return bad_request(text)
   end
