@@ -13,6 +13,7 @@
 #include "sse_loop.h"
 #include "sse_parser.h"
 #include "check.h"
+#include "redis_server.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -59,33 +60,6 @@ static void die(const char *what)
 }
 
 /* ---- redis-server ---- */
-
-static int have_redis_server(void)
-{
-    const char *path = getenv("PATH");
-    char d[4096], file[4200];
-    while (path && *path) {
-        size_t n = strcspn(path, ":");
-        snprintf(d, sizeof d, "%.*s", (int)n, path);
-        snprintf(file, sizeof file, "%s/redis-server", *d ? d : ".");
-        if (access(file, X_OK) == 0)
-            return 1;
-        path += n + (path[n] == ':');
-    }
-    return 0;
-}
-
-static int free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-    socklen_t al = sizeof a;
-    int p = -1;
-    if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0 && getsockname(fd, (struct sockaddr *)&a, &al) == 0)
-        p = ntohs(a.sin_port);
-    close(fd);
-    return p;
-}
 
 /* A blocking client for the test's own use (never the loop's): sends one command in
  * RESP (binary-safe arguments; lens NULL: strlen) and returns its reply's bytes (up to
@@ -137,44 +111,12 @@ static long numsub(const char *topic)
     return colon ? strtol(colon + 1, NULL, 10) : -1;
 }
 
-/* Starts redis-server on `port` with its files in `dir`; waits (10 s at most) until it
- * answers PING. -1 on failure. */
+/* Starts redis-server on `port` with its files in `dir`, every write on disk before its
+ * reply (so a restart keeps what was confirmed). -1 on failure. */
 static pid_t start_redis(void)
 {
-    char ps[16];
-    snprintf(ps, sizeof ps, "%d", port);
-    pid_t pid = fork();
-    if (pid == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGKILL);   /* a test that crashes takes its server along */
-        int nul = open("/dev/null", O_RDWR);
-        dup2(nul, 1);
-        dup2(nul, 2);
-        const char *argv[] = { "redis-server", "--port", ps, "--bind", "127.0.0.1", "--dir", dir,
-                               "--save", "", "--appendonly", "yes", "--appendfsync", "always",
-                               "--daemonize", "no", "--protected-mode", "no", NULL };
-        execvp("redis-server", (char *const *)argv);
-        _exit(127);
-    }
-    int64_t end = sse_loop_now_us() + 10000000;
-    char buf[256];
-    while (sse_loop_now_us() < end) {
-        if (waitpid(pid, NULL, WNOHANG) == pid)
-            return -1;
-        if (raw1("PING", buf, sizeof buf) > 0 && strncmp(buf, "+PONG", 5) == 0)
-            return pid;
-        usleep(10000);              /* polling a child we started, not the code under test */
-    }
-    kill(pid, SIGKILL);
-    waitpid(pid, NULL, 0);
-    return -1;
-}
-
-static void stop_redis(pid_t pid)
-{
-    if (pid <= 0)
-        return;
-    kill(pid, SIGKILL);
-    waitpid(pid, NULL, 0);
+    const char *extra[] = { "--dir", dir, "--appendonly", "yes", "--appendfsync", "always", NULL };
+    return redis_start(port, extra);
 }
 
 static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *f)
@@ -996,7 +938,7 @@ static void test_outage(void)
     CHECK(before.ok && ra.nevs == 1 && rb.nevs == 1, "the first event on both");
     uint64_t epoch = A.ids.epoch;
 
-    stop_redis(server);
+    redis_stop(server);
     server = -1;
     RUN_UNTIL(!sse_broker_up(A.br) && !sse_broker_up(B.br) && A.downs && B.downs, 5000);
     CHECK(!sse_broker_up(A.br) && !sse_broker_up(B.br), "both see Redis down");
@@ -1112,7 +1054,7 @@ static void test_free(void)
 
     /* Freed while Redis cannot be reached: refused publishes waiting for their turn. */
     proc D;
-    proc_new(&D, "tb7", free_port());
+    proc_new(&D, "tb7", redis_free_port());
     sse_channel *cd = attach(&D, "gone", 10);
     pubres rd[3], waiting;
     for (int i = 0; i < 3; i++)
@@ -1162,7 +1104,7 @@ static void test_free(void)
 
 int main(void)
 {
-    if (!have_redis_server()) {
+    if (!redis_installed()) {
         printf("test_broker: SKIPPED: redis-server is not installed\n");
         return 0;
     }
@@ -1172,7 +1114,7 @@ int main(void)
     if (!mkdtemp(dir))
         die("mkdtemp");
     loop = sse_loop_new();
-    port = free_port();
+    port = redis_free_port();
     server = start_redis();
     CHECK(server > 0, "redis-server started on port %d in %s", port, dir);
     if (server > 0) {
@@ -1190,7 +1132,7 @@ int main(void)
     RUN_UNTIL(0, 20);
     CHECK(sse_loop_next_timeout(loop) == -1, "no timer left on the loop");
     sse_loop_free(loop);
-    stop_redis(server);
+    redis_stop(server);
     nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
     printf("test_broker: %d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;

@@ -5,6 +5,7 @@
 #include "sse_redis.h"
 #include "sse_loop.h"
 #include "check.h"
+#include "redis_server.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -42,21 +43,6 @@ static pid_t server;
 
 /* ---- redis-server processes ---- */
 
-static int have_redis_server(void)
-{
-    const char *path = getenv("PATH");
-    char dir[4096], file[4200];
-    while (path && *path) {
-        size_t n = strcspn(path, ":");
-        snprintf(dir, sizeof dir, "%.*s", (int)n, path);
-        snprintf(file, sizeof file, "%s/redis-server", *dir ? dir : ".");
-        if (access(file, X_OK) == 0)
-            return 1;
-        path += n + (path[n] == ':');
-    }
-    return 0;
-}
-
 static int listen_loopback(int *out_port)
 {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -69,13 +55,6 @@ static int listen_loopback(int *out_port)
     }
     *out_port = ntohs(a.sin_port);
     return fd;
-}
-
-static int free_port(void)
-{
-    int p = 0, fd = listen_loopback(&p);
-    close(fd);
-    return p;
 }
 
 /* A blocking client for the test's own use (never the loop's): sends raw RESP, returns
@@ -100,48 +79,11 @@ static int raw_command(int p, const char *cmd, char *out, size_t cap)
     return n;
 }
 
-/* Starts redis-server on p with extra "--name value" pairs; waits (5 s at most) until it
- * answers PING (or NOAUTH, with requirepass). -1 on failure. */
+/* Starts redis-server on p (redis_server.h) with one extra "--name value" pair. */
 static pid_t start_redis(int p, const char *extra1, const char *extra2)
 {
-    char ps[16];
-    snprintf(ps, sizeof ps, "%d", p);
-    pid_t pid = fork();
-    if (pid == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGKILL);   /* a test that crashes takes its servers along */
-        int nul = open("/dev/null", O_RDWR);
-        dup2(nul, 1);
-        dup2(nul, 2);
-        const char *argv[16] = { "redis-server", "--port", ps, "--bind", "127.0.0.1",
-                                 "--save", "", "--appendonly", "no", "--daemonize", "no" };
-        int k = 11;
-        if (extra1) {
-            argv[k++] = extra1;
-            argv[k++] = extra2;
-        }
-        argv[k] = NULL;
-        execvp("redis-server", (char *const *)argv);
-        _exit(127);
-    }
-    int64_t end = sse_loop_now_us() + 5000000;
-    char buf[256];
-    while (sse_loop_now_us() < end) {
-        if (waitpid(pid, NULL, WNOHANG) == pid)
-            return -1;
-        if (raw_command(p, "PING\r\n", buf, sizeof buf) > 0 &&
-            (strncmp(buf, "+PONG", 5) == 0 || strncmp(buf, "-NOAUTH", 7) == 0))
-            return pid;
-        usleep(10000);              /* polling a child we started, not the code under test */
-    }
-    kill(pid, SIGKILL);
-    waitpid(pid, NULL, 0);
-    return -1;
-}
-
-static void stop_redis(pid_t pid)
-{
-    kill(pid, SIGKILL);
-    waitpid(pid, NULL, 0);
+    const char *extra[] = { extra1, extra2, NULL };
+    return redis_start(p, extra1 ? extra : NULL);
 }
 
 /* ---- recorders ---- */
@@ -569,7 +511,7 @@ static void test_outage(void)
     for (int i = 0; i < QUEUED; i++)
         cmd(r, &queued[i], "GET", "k", NULL);
     RUN_UNTIL(0, 20);
-    stop_redis(server);
+    redis_stop(server);
     int64_t killed = sse_loop_now_us();
     RUN_UNTIL(x.downs == 1 && blpop.calls, 3000);
     CHECK(x.downs == 1 && x.why[0] && !sse_redis_up(r), "down once: %d, '%s'", x.downs, x.why);
@@ -631,7 +573,7 @@ static void test_outage(void)
 static void test_refused(void)
 {
     ctx x;
-    sse_redis *r = new_client(&x, free_port(), 0, NULL);
+    sse_redis *r = new_client(&x, redis_free_port(), 0, NULL);
     res c;
     cmd(r, &c, "GET", "k", NULL);
     CHECK(c.calls == 0, "not answered inside the call");
@@ -644,7 +586,7 @@ static void test_refused(void)
 
     /* Freed from inside on_state. */
     ctx y;
-    sse_redis *s = new_client(&y, free_port(), 0, NULL);
+    sse_redis *s = new_client(&y, redis_free_port(), 0, NULL);
     y.free_on_state = 1;
     res c2;
     cmd(s, &c2, "GET", "k", NULL);
@@ -673,7 +615,7 @@ static void test_timeout(void)
 
 static void test_auth(void)
 {
-    int p = free_port();
+    int p = redis_free_port();
     pid_t pid = start_redis(p, "--requirepass", "s3cret");
     CHECK(pid > 0, "redis-server with requirepass");
     if (pid <= 0)
@@ -692,7 +634,7 @@ static void test_auth(void)
     CHECK(b.downs == 1 && b.ups == 0 && strstr(b.why, "AUTH failed"), "wrong password: '%s'", b.why);
     sse_redis_free(good);
     sse_redis_free(bad);
-    stop_redis(pid);
+    redis_stop(pid);
 }
 
 static void test_free_in_flight(void)
@@ -717,7 +659,7 @@ static void test_free_in_flight(void)
 
     /* Commands refused while down, still waiting for their timer. */
     ctx y;
-    sse_redis *d = new_client(&y, free_port(), 0, NULL);
+    sse_redis *d = new_client(&y, redis_free_port(), 0, NULL);
     res w;
     cmd(d, &w, "GET", "k", NULL);
     sse_redis_free(d);
@@ -756,14 +698,14 @@ static void test_free_in_flight(void)
 
 int main(void)
 {
-    if (!have_redis_server()) {
+    if (!redis_installed()) {
         printf("test_redis: SKIPPED: redis-server is not installed\n");
         return 0;
     }
     signal(SIGPIPE, SIG_DFL);       /* sse_redis must survive writes to a dead server */
     loop = sse_loop_new();
     int fds = count_fds();
-    port = free_port();
+    port = redis_free_port();
     server = start_redis(port, NULL, NULL);
     CHECK(server > 0, "redis-server started on port %d", port);
     if (server <= 0) {
@@ -785,7 +727,7 @@ int main(void)
     CHECK(sse_loop_next_timeout(loop) == -1, "no timer left on the loop");
     CHECK(count_fds() == fds, "every socket closed: %d, was %d", count_fds(), fds);
     sse_loop_free(loop);
-    stop_redis(server);
+    redis_stop(server);
     printf("test_redis: %d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }
