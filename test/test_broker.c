@@ -183,6 +183,28 @@ static sse_channel *attach(proc *p, const char *name, unsigned history)
 
 static int ready(proc *p, sse_channel *ch) { return sse_broker_ready(p->br, ch); }
 
+/* Two processes on one prefix, each with channel `name` attached, once both have read
+ * its history and both are subscribed to its topic. */
+static void open_pair(proc *A, proc *B, const char *prefix, const char *name, unsigned history,
+                      sse_channel **ca, sse_channel **cb)
+{
+    char topic[96];
+    snprintf(topic, sizeof topic, "%s:t:%s", prefix, name);
+    proc_new(A, prefix, port);
+    proc_new(B, prefix, port);
+    *ca = attach(A, name, history);
+    *cb = attach(B, name, history);
+    RUN_UNTIL(ready(A, *ca) && ready(B, *cb) && numsub(topic) == 2, 5000);
+}
+
+static void close_pair(proc *A, proc *B, sse_channel *ca, sse_channel *cb)
+{
+    sse_broker_free(A->br);
+    sse_broker_free(B->br);
+    sse_channel_free(ca);
+    sse_channel_free(cb);
+}
+
 /* ---- recording subscribers ---- */
 
 typedef struct got {
@@ -517,10 +539,7 @@ static void test_fanout(void)
     rec_free(&a2);
     rec_free(&b1);
     rec_free(&b2);
-    sse_broker_free(A.br);
-    sse_broker_free(B.br);
-    sse_channel_free(ca);
-    sse_channel_free(cb);
+    close_pair(&A, &B, ca, cb);
 }
 
 /* 1,000 publishes given at once, alternating between A and B (two connections racing
@@ -529,10 +548,8 @@ static void test_fanout(void)
 static void test_alternating(void)
 {
     proc A, B;
-    proc_new(&A, "tb2", port);
-    proc_new(&B, "tb2", port);
-    sse_channel *ca = attach(&A, "feed", 100), *cb = attach(&B, "feed", 100);
-    RUN_UNTIL(ready(&A, ca) && ready(&B, cb) && numsub("tb2:t:feed") == 2, 5000);
+    sse_channel *ca, *cb;
+    open_pair(&A, &B, "tb2", "feed", 100, &ca, &cb);
     CHECK(ready(&A, ca) && ready(&B, cb), "both ready");
     enum { N = 1000, S = 4 };
     rec s[S];
@@ -616,10 +633,7 @@ static void test_alternating(void)
         rec_free(&s[i]);
     free(r);
     free(data);
-    sse_broker_free(A.br);
-    sse_broker_free(B.br);
-    sse_channel_free(ca);
-    sse_channel_free(cb);
+    close_pair(&A, &B, ca, cb);
 }
 
 /* The same with a short history (0, 1, 5): each process's replies (its own events)
@@ -631,13 +645,10 @@ static void test_alternating(void)
 static void test_burst(unsigned history)
 {
     proc A, B;
-    char prefix[16], topic[32];
+    char prefix[16];
     snprintf(prefix, sizeof prefix, "tb8-%u", history);
-    snprintf(topic, sizeof topic, "%s:t:burst", prefix);
-    proc_new(&A, prefix, port);
-    proc_new(&B, prefix, port);
-    sse_channel *ca = attach(&A, "burst", history), *cb = attach(&B, "burst", history);
-    RUN_UNTIL(ready(&A, ca) && ready(&B, cb) && numsub(topic) == 2, 5000);
+    sse_channel *ca, *cb;
+    open_pair(&A, &B, prefix, "burst", history, &ca, &cb);
     CHECK(ready(&A, ca) && ready(&B, cb), "both ready");
     enum { N = 400 };
     rec ra, rb;
@@ -672,10 +683,7 @@ static void test_burst(unsigned history)
     rec_free(&rb);
     free(r);
     free(data);
-    sse_broker_free(A.br);
-    sse_broker_free(B.br);
-    sse_channel_free(ca);
-    sse_channel_free(cb);
+    close_pair(&A, &B, ca, cb);
 }
 
 /* A client that read events on A moves to B with the last id it had: B replays exactly
@@ -685,10 +693,8 @@ static void test_burst(unsigned history)
 static void test_resume(void)
 {
     proc A, B, C;
-    proc_new(&A, "tb3", port);
-    proc_new(&B, "tb3", port);
-    sse_channel *ca = attach(&A, "room", 100), *cb = attach(&B, "room", 100);
-    RUN_UNTIL(ready(&A, ca) && ready(&B, cb) && numsub("tb3:t:room") == 2, 5000);
+    sse_channel *ca, *cb;
+    open_pair(&A, &B, "tb3", "room", 100, &ca, &cb);
     rec ra, wb;                     /* a client on A; a witness of what B received */
     rec_init(&ra, SSE_FORMAT_SSE);
     rec_init(&wb, SSE_FORMAT_SSE);
@@ -781,10 +787,8 @@ static void test_resume(void)
 static void test_trimmed(void)
 {
     proc A, B, C;
-    proc_new(&A, "tb4", port);
-    proc_new(&B, "tb4", port);
-    sse_channel *ca = attach(&A, "short", 5), *cb = attach(&B, "short", 5);
-    RUN_UNTIL(ready(&A, ca) && ready(&B, cb) && numsub("tb4:t:short") == 2, 5000);
+    sse_channel *ca, *cb;
+    open_pair(&A, &B, "tb4", "short", 5, &ca, &cb);
     rec wb;
     rec_init(&wb, SSE_FORMAT_SSE);
     live(&wb, cb);
@@ -844,10 +848,8 @@ static void test_trimmed(void)
 static void test_flushall(void)
 {
     proc A, B;
-    proc_new(&A, "tb5", port);
-    proc_new(&B, "tb5", port);
-    sse_channel *ca = attach(&A, "ticks", 100), *cb = attach(&B, "ticks", 100);
-    RUN_UNTIL(ready(&A, ca) && ready(&B, cb) && numsub("tb5:t:ticks") == 2, 5000);
+    sse_channel *ca, *cb;
+    open_pair(&A, &B, "tb5", "ticks", 100, &ca, &cb);
     rec ra, rb;
     rec_init(&ra, SSE_FORMAT_SSE);
     rec_init(&rb, SSE_FORMAT_SSE);
@@ -910,10 +912,7 @@ static void test_flushall(void)
           (unsigned long long)B.ids.epoch, A.lost, B.lost);
     rec_free(&ra);
     rec_free(&rb);
-    sse_broker_free(A.br);
-    sse_broker_free(B.br);
-    sse_channel_free(ca);
-    sse_channel_free(cb);
+    close_pair(&A, &B, ca, cb);
 }
 
 /* Redis killed (SIGKILL) and restarted with its append-only file: publishes during the
@@ -923,10 +922,8 @@ static void test_flushall(void)
 static void test_outage(void)
 {
     proc A, B;
-    proc_new(&A, "tb6", port);
-    proc_new(&B, "tb6", port);
-    sse_channel *ca = attach(&A, "feed", 100), *cb = attach(&B, "feed", 100);
-    RUN_UNTIL(ready(&A, ca) && ready(&B, cb) && numsub("tb6:t:feed") == 2, 5000);
+    sse_channel *ca, *cb;
+    open_pair(&A, &B, "tb6", "feed", 100, &ca, &cb);
     rec ra, rb;
     rec_init(&ra, SSE_FORMAT_SSE);
     rec_init(&rb, SSE_FORMAT_SSE);
@@ -1000,10 +997,7 @@ static void test_outage(void)
     CHECK(ra.nevs == 7 && rb.nevs == 7 && gaps(&rb) == 0, "once each, no gap: %zu %zu", ra.nevs, rb.nevs);
     rec_free(&ra);
     rec_free(&rb);
-    sse_broker_free(A.br);
-    sse_broker_free(B.br);
-    sse_channel_free(ca);
-    sse_channel_free(cb);
+    close_pair(&A, &B, ca, cb);
 }
 
 /* sse_broker_free with publishes in flight, half answered, not yet sent, refused while
@@ -1012,10 +1006,8 @@ static void test_outage(void)
 static void test_free(void)
 {
     proc A, B;
-    proc_new(&A, "tb7", port);
-    proc_new(&B, "tb7", port);
-    sse_channel *ca = attach(&A, "gone", 100), *cb = attach(&B, "gone", 100);
-    RUN_UNTIL(ready(&A, ca) && ready(&B, cb) && numsub("tb7:t:gone") == 2, 5000);
+    sse_channel *ca, *cb;
+    open_pair(&A, &B, "tb7", "gone", 100, &ca, &cb);
     rec ra, rb;
     rec_init(&ra, SSE_FORMAT_SSE);
     rec_init(&rb, SSE_FORMAT_SSE);
