@@ -1,8 +1,10 @@
 /* The C tests' one assertion: counts, and prints a line for each failure. Each test
- * prints "<name>: N passed, N failed" at the end and exits non-zero on any failure. */
+ * prints "<name>: N passed, N failed" at the end and exits non-zero on any failure.
+ * Also what several tests check leaks with: the process's open descriptors. */
 #ifndef SSE_TEST_CHECK_H
 #define SSE_TEST_CHECK_H
 
+#include <dirent.h>
 #include <stdio.h>
 
 static int passed, failed;
@@ -18,5 +20,16 @@ static int passed, failed;
             printf("\n");                                                 \
         }                                                                 \
     } while (0)
+
+static inline int count_fds(void)
+{
+    int n = 0;
+    DIR *d = opendir("/proc/self/fd");
+    for (struct dirent *e; d && (e = readdir(d));)
+        n += e->d_name[0] != '.';
+    if (d)
+        closedir(d);
+    return n;
+}
 
 #endif

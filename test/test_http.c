@@ -579,17 +579,6 @@ static void test_concurrent(void)
     check_clean("concurrent");
 }
 
-static int count_fds(void)
-{
-    int n = 0;
-    DIR *d = opendir("/proc/self/fd");
-    for (struct dirent *e; d && (e = readdir(d));)
-        n += e->d_name[0] != '.';
-    if (d)
-        closedir(d);
-    return n;
-}
-
 /* Replies that are not HTTP are "http"; one header line past curl's own bound (which
  * curl reports as out of memory) is "response headers too large". */
 static void test_bad_replies(void)

@@ -237,17 +237,6 @@ static int wait_subscribed(sse_redis *r, const char *topic)
     return 0;
 }
 
-static int count_fds(void)
-{
-    int n = 0;
-    DIR *d = opendir("/proc/self/fd");
-    for (struct dirent *e; d && (e = readdir(d));)
-        n += e->d_name[0] != '.';
-    if (d)
-        closedir(d);
-    return n;
-}
-
 /* ---- the cases ---- */
 
 static void test_config(void)
