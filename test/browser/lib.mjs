@@ -57,6 +57,24 @@ export async function waitFor(fn, ms, what, every = 20) {
   }
 }
 
+// The stop(ms) of a child process: SIGTERM, then SIGKILL if it has not ended after ms.
+// exit: a promise of its { code, signal }. Resolves { code, signal, killed }.
+export function stopper(proc, exit, what) {
+  let ended = null;
+  exit.then((r) => { ended = r; });
+  return async function stop(ms = 5_000) {
+    if (ended) return { ...ended, killed: false };
+    proc.kill('SIGTERM');
+    let timer;
+    const late = new Promise((res) => { timer = setTimeout(() => res('late'), ms); });
+    const r = await Promise.race([exit, late]);
+    clearTimeout(timer);
+    if (r !== 'late') return { ...r, killed: false };
+    proc.kill('SIGKILL');
+    return { ...(await withTimeout(exit, 2_000, `${what}: SIGKILL`)), killed: true };
+  };
+}
+
 // Starts `lua5.4 <script>` (path relative to the checkout, or absolute) with PORT=0 and
 // `env`, line-buffered through stdbuf, and resolves once it printed its first
 // http://127.0.0.1:NNNN URL. Returns { url, port, proc, output(), stop() }.
@@ -88,18 +106,7 @@ export async function startLua(scriptPath, env = {}, { timeout = 10_000 } = {}) 
     exited: () => exited,
     // SIGTERM, then wait at most `ms` for the process to end (SIGKILL after that).
     // Resolves { code, signal, killed }.
-    async stop(ms = 5_000) {
-      if (exited) return { ...exited, killed: false };
-      proc.kill('SIGTERM');
-      let timer;
-      const late = new Promise((res) => { timer = setTimeout(() => res('late'), ms); });
-      const r = await Promise.race([exit, late]);
-      clearTimeout(timer);
-      if (r !== 'late') return { ...r, killed: false };
-      proc.kill('SIGKILL');
-      const k = await withTimeout(exit, 2_000, `startLua(${scriptPath}): SIGKILL`);
-      return { ...k, killed: true };
-    },
+    stop: stopper(proc, exit, `startLua(${scriptPath})`),
   };
   servers.add(server);
 

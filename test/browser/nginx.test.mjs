@@ -14,7 +14,7 @@ import { connect as tcpConnect, createServer } from 'node:net';
 import { connect as h2connect } from 'node:http2';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { ROOT, startLua, launchBrowser, cleanup, waitFor, withTimeout } from './lib.mjs';
+import { ROOT, startLua, launchBrowser, cleanup, waitFor, withTimeout, stopper } from './lib.mjs';
 
 const TEMPLATE = process.env.NGINX_CONF_TEMPLATE || join(ROOT, 'examples/nginx/nginx.conf.in');
 const NGINX = process.env.NGINX || 'nginx';
@@ -80,17 +80,7 @@ async function startNginx(upstreamPort) {
       output: () => out,
       exited: () => exited,
       // SIGTERM (nginx's fast shutdown: it closes open streams) to this PID, SIGKILL after ms.
-      async stop(ms = 5_000) {
-        if (exited) return { ...exited, killed: false };
-        proc.kill('SIGTERM');
-        let timer;
-        const late = new Promise((res) => { timer = setTimeout(() => res('late'), ms); });
-        const r = await Promise.race([exit, late]);
-        clearTimeout(timer);
-        if (r !== 'late') return { ...r, killed: false };
-        proc.kill('SIGKILL');
-        return { ...(await withTimeout(exit, 2_000, 'nginx: SIGKILL')), killed: true };
-      },
+      stop: stopper(proc, exit, 'nginx'),
     };
     try {
       await waitFor(async () => {
