@@ -49,6 +49,16 @@ describe("app:stats and app:metrics", function()
     client.wait(app, function() return app:stats().streams == 0 end, 3, "every stream closed")
   end)
 
+  it("heartbeats are counted apart from events", function()
+    local app = client.app({ heartbeat = 0.1 })
+    app:stream("/s", function(stream) stream:send("x") app:sleep(5) end)
+    assert(app:listen())
+    local c = client.connect(app, "/s")
+    c:wait_events(1)
+    client.wait(app, function() return app:stats().heartbeats >= 3 end, 3, "three heartbeats")
+    assert.are.equal(2, app:stats().events_sent)   -- the first ":ok" and "x"
+  end)
+
   it("app:metrics serves valid Prometheus text (promtool check metrics)", function()
     local app = client.app({ heartbeat = false })
     local ch = app:channel('odd "name"\\x')

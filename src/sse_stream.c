@@ -205,16 +205,16 @@ void sse_streams_free(sse_streams *ss)
 
 /* ---- for the server ---- */
 
+static int write_bytes(sse_stream *st, const char *p, size_t n);
+
 static void on_heartbeat(sse_timer *t)
 {
     sse_stream *st = container_of(t, sse_stream, heartbeat);
     sse_loop *loop = st->ss->loop;
     uint64_t idle = sse_loop_now(loop) - st->last_write;
     if (idle >= st->heartbeat_ms) {
-        if (sse_stream_write(st, st->heartbeat_text, strlen(st->heartbeat_text)) == 0) {
+        if (write_bytes(st, st->heartbeat_text, strlen(st->heartbeat_text)) == 0)
             st->ss->counts.heartbeats++;
-            st->ss->counts.events--;          /* counted as a write, not an event */
-        }
         idle = 0;
     }
     if (st->state == SSE_STREAM_OPEN)
@@ -359,23 +359,12 @@ static int after_write(sse_stream *st)
         set_state(st, SSE_STREAM_DEAD);
         return -EPIPE;
     }
-    ss->counts.events++;
     wake(st);
     return 0;
 }
 
-char *sse_stream_reserve(sse_stream *st, size_t n)
-{
-    return st->state == SSE_STREAM_OPEN ? sse_queue_reserve(&st->q, n) : NULL;
-}
-
-int sse_stream_commit(sse_stream *st, size_t n)
-{
-    sse_queue_commit(&st->q, n);
-    return after_write(st);
-}
-
-int sse_stream_write(sse_stream *st, const char *p, size_t n)
+/* Copies n bytes into the queue (a heartbeat, or sse_stream_write's event). */
+static int write_bytes(sse_stream *st, const char *p, size_t n)
 {
     if (st->state != SSE_STREAM_OPEN)
         return -EPIPE;
@@ -383,7 +372,32 @@ int sse_stream_write(sse_stream *st, const char *p, size_t n)
     if (!dst)
         return -ENOMEM;
     memcpy(dst, p, n);
-    return sse_stream_commit(st, n);
+    sse_queue_commit(&st->q, n);
+    return after_write(st);
+}
+
+char *sse_stream_reserve(sse_stream *st, size_t n)
+{
+    return st->state == SSE_STREAM_OPEN ? sse_queue_reserve(&st->q, n) : NULL;
+}
+
+/* An event (or comment) queued: counted for app:stats() when it stays queued. */
+static int counted(sse_stream *st, int rc)
+{
+    if (rc == 0)
+        st->ss->counts.events++;
+    return rc;
+}
+
+int sse_stream_commit(sse_stream *st, size_t n)
+{
+    sse_queue_commit(&st->q, n);
+    return counted(st, after_write(st));
+}
+
+int sse_stream_write(sse_stream *st, const char *p, size_t n)
+{
+    return counted(st, write_bytes(st, p, n));
 }
 
 int sse_stream_push(sse_stream *st, sse_chunk *c)
@@ -392,7 +406,7 @@ int sse_stream_push(sse_stream *st, sse_chunk *c)
         return -EPIPE;
     if (sse_queue_push(&st->q, c) != 0)
         return -ENOMEM;
-    return after_write(st);
+    return counted(st, after_write(st));
 }
 
 void sse_stream_want_drain(sse_stream *st, size_t low_water)
