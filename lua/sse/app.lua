@@ -184,6 +184,7 @@ local function broker_options(b)
     password = password ~= "" and password or nil,
     prefix = b.prefix or "sse",
     check_ms = b.check_interval and math.max(1, math.floor(b.check_interval * 1000 + 0.5)) or nil,
+    presence_ttl = b.presence_ttl or 30,   -- for lua/sse/presence.lua (C does not read it)
   }
 end
 
@@ -201,6 +202,7 @@ function M.new(opts)
       error("sse.app: option 'tls' needs both cert and key (paths to PEM files)", 2)
     end
   end
+  local broker = broker_options(opts.broker)
   local workers = opts.workers
   if workers == "auto" then
     workers = core.cpus()
@@ -211,9 +213,9 @@ function M.new(opts)
     host = opts.host or "127.0.0.1",
     _port = opts.port or 8080,
     _workers = workers or 1,
-    _broker = opts.broker ~= nil,
-    _broker_prefix = type(opts.broker) == "table" and opts.broker.prefix or "sse",
-    _presence_ttl = type(opts.broker) == "table" and opts.broker.presence_ttl or 30,
+    _broker = broker ~= nil,
+    _broker_prefix = broker and broker.prefix,
+    _presence_ttl = broker and broker.presence_ttl or 30,
     _routes = router.new(),
     _before = {},
     _channels = {},
@@ -252,7 +254,7 @@ function M.new(opts)
     request_timeout_ms = timeout_ms(opts.request_timeout, "request_timeout", 30),
     keepalive_timeout_ms = timeout_ms(opts.keepalive_timeout, "keepalive_timeout", 5),
     max_connections_per_ip = opts.max_connections_per_ip,
-    broker = broker_options(opts.broker),
+    broker = broker,
     dispatch = function(req)
       return self:_dispatch(req)
     end,
