@@ -298,6 +298,44 @@ describe("transport", function()
       assert_on_time(h, 0.08)
     end)
 
+    it("takes a stream request with 8 KB of headers under the default options", function()
+      local app = client.app({ heartbeat = false })
+      local bus = app:channel("big")
+      app:stream("/s", bus)
+      assert(app:listen())
+      local headers = {
+        Cookie = "session=" .. string.rep("c", 6000),
+        ["X-Trace"] = string.rep("t", 2000),
+        ["User-Agent"] = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko)",
+      }
+      local c = client.connect(app, "/s", { headers = headers })
+      c:wait_head(2)
+      assert.are.equal(200, c.res.status)
+      -- The stream then idles (its send buffer is handed back to the kernel) and still
+      -- takes events, in order, after that.
+      client.run_for(app, 0.1)
+      for i = 1, 3 do bus:publish({ data = "e" .. i }) end
+      client.wait(app, function() c:pump(); return #c.events == 3 end, 2, "3 events")
+      assert.are.same({ "e1", "e2", "e3" }, { c.events[1].data, c.events[2].data, c.events[3].data })
+      local again = client.connect(app, "/s", { headers = { Cookie = string.rep("z", 40000) } })
+      again:wait_head(2)
+      assert.are.equal(431, again.res.status)
+    end)
+
+    it("sends an HTTP/1.0 client its stream unchunked, ended by closing", function()
+      local app = client.app({ heartbeat = false })
+      app:stream("/n", function(stream)
+        for i = 1, 200 do stream:send(string.rep("x", 100) .. i) end
+      end)
+      assert(app:listen())
+      local c = client.connect(app, "/n", { version = "1.0" })
+      client.wait(app, function() c:pump(); return c.closed end, 5, "the stream to end")
+      assert.are.equal(200, c.res.status)
+      assert.is_nil(c.res.headers["transfer-encoding"])
+      assert.are.equal(200, #c.events)
+      assert.are.equal(string.rep("x", 100) .. "200", c.events[200].data)
+    end)
+
     it("answers 405 with Allow for a known path, 501 for a method no route uses", function()
       local app = client.app({ heartbeat = false })
       healthy(app, 0.1)

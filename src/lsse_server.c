@@ -77,7 +77,7 @@ static int server_new(lua_State *L)
         .max_connections = (unsigned)opt_size(L, 1, "max_connections", 0),
         .max_body = opt_size(L, 1, "max_body", 1 << 20),
         .queue_limit = opt_size(L, 1, "queue_limit", 1 << 20),
-        .conn_memory = opt_size(L, 1, "connection_memory", 16 << 10),
+        .conn_memory = opt_size(L, 1, "connection_memory", 32 << 10),
         .request_timeout_ms = (unsigned)opt_size(L, 1, "request_timeout_ms", 30000),
         .keepalive_timeout_ms = (unsigned)opt_size(L, 1, "keepalive_timeout_ms", 5000),
         .max_per_ip = (unsigned)opt_size(L, 1, "max_connections_per_ip", 0),

@@ -39,14 +39,19 @@
 #include <strings.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #define container_of(p, type, member) ((type *)((char *)(p) - offsetof(type, member)))
 
-/* What an HTTP/1.0 client (unchunked body) gets per reader call at most. */
+/* What an HTTP/1.0 client (unchunked body) gets per reader call at most. MHD 0.9.75 gives
+ * every callback response a buffer of this size, but uses it only for an unchunked body: a
+ * chunked (HTTP/1.1) reader writes straight into the connection's send buffer, so there
+ * the response gets the smallest block MHD takes and an idle stream saves 4 KiB. */
 #define SSE_STREAM_BLOCK 4096
+#define SSE_STREAM_BLOCK_CHUNKED 1
 /* Descriptors kept free for the listening socket, epoll, files the app opens... */
 #define SSE_FD_RESERVE 64
 /* Bounds on the passes of one sse_server_run (the rest waits for the next turn). */
@@ -109,6 +114,8 @@ struct sse_conn {
     sse_watch              hup;        /* EPOLLRDHUP on its socket; fd = -1 when not watched */
     int                    peer_closed; /* the client has sent its FIN */
     sse_stream            *stream;     /* the stream it carries, if any */
+    int                    trimmed;    /* its send buffer was given back once (trim_idle) */
+    uint64_t               trimmed_at; /* ... at this body position */
     sse_request           *deferred;   /* its request, while the binding answers it later */
     int                    decoded_nul; /* the last percent-decoding MHD asked of us made a
                                           NUL; MHD decodes the path last, so at the access
@@ -155,6 +162,7 @@ struct sse_request {
     int                    has_body;
     int                    too_large;
     int                    answered;
+    int                    http11;      /* HTTP/1.1: a stream's body is chunked */
     int                    responding;  /* counted in srv->responding */
     unsigned               held_status;
     struct MHD_Response   *held_answer; /* held by publisher backpressure (answer_or_hold) */
@@ -584,6 +592,30 @@ static void send_batch(sse_server *srv)
     srv->resume_at = end + (d < SSE_BATCH_WAIT_MAX_US ? d : SSE_BATCH_WAIT_MAX_US);
 }
 
+/* An idle stream's memory: MHD 0.9.75 puts the request head and then the send buffer in the
+ * connection's pool (connection_memory), and zeroes the unused half of the read buffer when
+ * the head has been read, so most of the pool is resident although an idle stream holds no
+ * bytes. Once a stream goes idle, and again after every SSE_TRIM_BYTES it sent, the whole
+ * pages of the free part of the send buffer (what the reader may write: MHD keeps nothing
+ * there) are handed back to the kernel; they come back as zero pages when written. An idle
+ * stream then keeps about two pages of its pool, whatever its size (docs/libmicrohttpd.md,
+ * "Memory"). The position is per response, so a new stream on a kept-alive connection is
+ * trimmed at its first idle too (trimmed is reset in sse_request_stream). */
+#define SSE_TRIM_BYTES (64 << 10)
+
+static void trim_idle(sse_conn *c, uint64_t pos, char *buf, size_t max)
+{
+    if (c->trimmed && pos - c->trimmed_at < SSE_TRIM_BYTES)
+        return;
+    c->trimmed = 1;
+    c->trimmed_at = pos;
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t from = ((uintptr_t)buf + page - 1) & ~(page - 1);
+    uintptr_t to = ((uintptr_t)buf + max) & ~(page - 1);
+    if (to > from)
+        madvise((void *)from, to - from, MADV_DONTNEED);
+}
+
 /* libmicrohttpd's reader: the stream's bytes, or suspend until there are some. */
 static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
 {
@@ -596,7 +628,11 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
     if (n == 0) {
         /* Only when returning nothing: suspending while returning data would hold that
          * data back until the next resume. */
-        MHD_suspend_connection(sse_stream_conn(st));
+        struct MHD_Connection *conn = sse_stream_conn(st);
+        sse_conn *c = conn_of(conn);
+        if (c)
+            trim_idle(c, pos, buf, max);
+        MHD_suspend_connection(conn);
         sse_stream_suspended(st);
     }
     return n;
@@ -764,6 +800,7 @@ static enum MHD_Result start_request(sse_server *srv, struct MHD_Connection *con
     r->method = method;
     r->path = url;
     r->c = conn_of(conn);
+    r->http11 = strcmp(version, MHD_HTTP_VERSION_1_1) == 0;
     peer_name(conn, r->peer, sizeof r->peer);
     *con_cls = r;
     /* A new request on a kept-alive connection: its body has request_timeout from now. */
@@ -987,8 +1024,9 @@ sse_stream *sse_request_stream(sse_request *r, const sse_stream_opts *o)
     sse_stream *st = sse_stream_new(&srv->streams, o->heartbeat_ms, o->heartbeat, o->gzip, r->peer);
     if (!st)
         return NULL;
+    size_t block = r->http11 ? SSE_STREAM_BLOCK_CHUNKED : SSE_STREAM_BLOCK;
     struct MHD_Response *resp = MHD_create_response_from_callback(
-        MHD_SIZE_UNKNOWN, SSE_STREAM_BLOCK, stream_reader, st, stream_response_free);
+        MHD_SIZE_UNKNOWN, block, stream_reader, st, stream_response_free);
     if (!resp) {
         sse_stream_response_done(st);
         sse_stream_release(st);
@@ -1013,8 +1051,10 @@ sse_stream *sse_request_stream(sse_request *r, const sse_stream_opts *o)
     /* Hang-ups come through the connection's EPOLLRDHUP watch (on_conn_hangup):
      * MHD does not read while it sends a body, so alone it would notice a dead client
      * only when a send fails. */
-    if (r->c)
+    if (r->c) {
         r->c->stream = st;
+        r->c->trimmed = 0;
+    }
     sse_stream_started(st, r->conn, r->c ? r->c->fd : -1, r->c && r->c->peer_closed);
     answered_later(r);
     return st;

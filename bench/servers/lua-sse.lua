@@ -21,10 +21,7 @@ local app = sse.app({
   port = port,
   heartbeat = false,           -- no comment lines in the measurements
   max_connections = 1000000,   -- capped by the descriptor limit: as many as the process can hold
-  -- libmicrohttpd's per-connection pool: request headers + send buffer. 3 KiB still takes a
-  -- browser request with a 1 KB cookie, and an idle subscriber then costs < 9 KiB of RSS
-  -- (the pool is most of a connection's memory; the library default is 16 KiB).
-  connection_memory = 3072,
+  -- Otherwise the defaults (connection_memory among them): users run the defaults.
   broker = broker,
   workers = workers,
   log = function(level, msg)   -- warnings and errors only (dropped slow clients show up here)
