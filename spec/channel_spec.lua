@@ -83,6 +83,33 @@ describe("sse.app channels", function()
       client.wait(app, function() return ch.subscribers == 200 end, 2, "200 subscribers left")
     end)
 
+    it("a fan-out sent in slices, with publishes between the slices, delivers every event in order", function()
+      -- 600 subscribers: each batch of resumes goes out in slices of 256 with a loop turn
+      -- between them, and the publishes here land between slices.
+      local app = client.app({ heartbeat = false })
+      local ch = app:channel("wide")
+      app:stream("/wide", ch)
+      assert(app:listen())
+      local clients = {}
+      for i = 1, 600 do clients[i] = client.connect(app, "/wide") end
+      client.wait(app, function() return ch.subscribers == 600 end, 10, "600 subscribers")
+      local n = 0
+      for _ = 1, 20 do
+        for _ = 1, 3 do
+          n = n + 1
+          ch:publish({ data = "e" .. n })
+        end
+        client.step(app, 0)
+      end
+      client.wait(app, function()
+        for _, c in ipairs(clients) do if #c.events < n then return false end end
+        return true
+      end, 20, n .. " events at each of 600 subscribers")
+      local want = {}
+      for i = 1, n do want[i] = "e" .. i end
+      for _, c in ipairs(clients) do assert.are.same(want, data_of(c)) end
+    end)
+
     it("a generator may subscribe, send directly, and the response stays open after it returns", function()
       local app = client.app()
       local ch = app:channel("room")

@@ -57,14 +57,21 @@ static void unref(sse_stream *st)
     free(st);
 }
 
-/* Something new for a suspended client: the stream goes on the next batch of resumes. */
+/* Something new for a suspended client: the stream goes at the end of the resume list
+ * (first woken, first sent: a big batch sent in slices never starves its tail). */
 static void wake(sse_stream *st)
 {
     if (st->suspended && st->conn && !st->on_resume) {
+        sse_streams *ss = st->ss;
         st->on_resume = 1;
         st->refs++;
-        st->resume_next = st->ss->to_resume;
-        st->ss->to_resume = st;
+        st->resume_next = NULL;
+        if (ss->to_resume)
+            ss->to_resume_tail->resume_next = st;
+        else
+            ss->to_resume = st;
+        ss->to_resume_tail = st;
+        ss->to_resume_n++;
     }
 }
 
@@ -164,19 +171,19 @@ void sse_streams_run_deferred(sse_streams *ss, int passes)
     }
 }
 
-void sse_streams_resume(sse_streams *ss, void (*resume)(void *conn, void *ctx), void *ctx)
+void sse_streams_resume(sse_streams *ss, unsigned max,
+                        void (*resume)(void *conn, void *ctx), void *ctx)
 {
-    sse_stream *st = ss->to_resume;
-    ss->to_resume = NULL;
-    while (st) {
-        sse_stream *next = st->resume_next;
+    for (unsigned n = 0; ss->to_resume && (max == 0 || n < max); n++) {
+        sse_stream *st = ss->to_resume;
+        ss->to_resume = st->resume_next;
+        ss->to_resume_n--;
         st->on_resume = 0;
         if (st->suspended && st->conn) {
             st->suspended = 0;
             resume(st->conn, ctx);
         }
         unref(st);
-        st = next;
     }
 }
 

@@ -78,7 +78,9 @@ typedef struct sse_streams {
     int              wrote;        /* bytes were queued since the server last cleared it
                                       (the server counts publishing requests with it) */
     sse_stream      *live;         /* not COMPLETED */
-    sse_stream      *to_resume;    /* suspended, with something new for the client */
+    sse_stream      *to_resume;    /* suspended, with something new for the client: */
+    sse_stream      *to_resume_tail; /* a FIFO of to_resume_n streams */
+    unsigned         to_resume_n;
     sse_stream      *ready;        /* ready hook due */
     sse_stream      *closed;       /* COMPLETED, closed hook due */
     sse_gzip_twins  *twins;        /* compresses shared chunks for gzip streams */
@@ -90,9 +92,10 @@ void sse_streams_init(sse_streams *ss, sse_loop *loop, const sse_stream_hooks *h
 /* Runs the deferred hooks (a bounded number of passes: hooks may defer more). */
 void sse_streams_run_deferred(sse_streams *ss, int passes);
 int  sse_streams_deferred(const sse_streams *ss);   /* hooks are due: run again at once */
-/* Calls resume(conn, ctx) for every listed stream that is still suspended, marking it
- * resumed; the list is emptied. */
-void sse_streams_resume(sse_streams *ss, void (*resume)(void *conn, void *ctx), void *ctx);
+/* Takes the first max streams of the resume list (0: all of it), oldest first, and calls
+ * resume(conn, ctx) for each one still suspended, marking it resumed. */
+void sse_streams_resume(sse_streams *ss, unsigned max,
+                        void (*resume)(void *conn, void *ctx), void *ctx);
 /* Shutdown: every stream ends once drained (end_all), then every suspended one is listed
  * for a resume (wake_all) so the server can stop with none suspended. */
 void sse_streams_end_all(sse_streams *ss);
