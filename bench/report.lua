@@ -105,9 +105,27 @@ local function problems(r)
   return table.concat(p, "; ")
 end
 
+-- lua-sse against the best of the others in the same run, on the issue's three goals: the
+-- headline (events/s or memory), p99 latency and CPU per million deliveries.
+local function best_peer(picked, field, higher)
+  local best
+  for s, r in pairs(picked) do
+    local v = r[field]
+    if s ~= "lua-sse" and not r.na and not r.error and v and v > 0 then
+      if not best or (higher and v > best) or (not higher and v < best) then best = v end
+    end
+  end
+  return best
+end
+
+local function over(a, b)
+  if not a or not b or b == 0 then return "" end
+  return string.format("%.2f", a / b)
+end
+
 print("| workload | server | delivered | events/s | p50 ms | p99 ms | server CPU-s per M | memory"
-  .. " | vs Go | vs Nchan | spread |")
-print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+  .. " | vs Go | vs Nchan | p99 vs Nchan | vs best peer: headline / CPU | spread |")
+print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
 local failures = {}
 for _, w in ipairs(workloads) do
   local picked = {}
@@ -118,7 +136,7 @@ for _, w in ipairs(workloads) do
   for _, s in ipairs(servers) do
     local r = picked[s]
     if r and r.na then
-      print(string.format("| %s | %s | n/a | | | | | | | | |", w, s))
+      print(string.format("| %s | %s | n/a | | | | | | | | | | |", w, s))
     elseif r then
       local got, want, rate, memory = "", "", "", ""
       if r.mode == "fanout" then
@@ -144,14 +162,32 @@ for _, w in ipairs(workloads) do
         if which == kind and text ~= "" then return "**" .. text .. "**" end
         return text
       end
-      print(string.format("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |",
-        w, s == "go-nethttp" and "go-nethttp (all cores)" or s, delivered,
+      local p99_nchan, vs_best = "", ""
+      if s == "lua-sse" and r.mode == "fanout" and nchan and not nchan.na then
+        p99_nchan = over(r.p99_ms, nchan.p99_ms)
+      end
+      if s == "lua-sse" and h then
+        local _, higher = headline(r)
+        local field = r.mode == "idle" and "bytes_per_conn" or ((r.rate or 0) > 0 and "p99_ms")
+          or (r.mode == "count" and "events_per_s") or "deliveries_per_s"
+        vs_best = over(h, best_peer(picked, field, higher))
+        local cpu = best_peer(picked, "server_cpu_s_per_M", false)
+        if r.server_cpu_s_per_M and cpu and r.mode ~= "idle" then
+          vs_best = vs_best .. " / " .. over(r.server_cpu_s_per_M, cpu)
+        end
+      end
+      local label = s
+      if s == "go-nethttp" then label = "go-nethttp (all cores)" end
+      if s == "lua-sse" then label = "lua-sse (default options)" end
+      print(string.format("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |",
+        w, label, delivered,
         bold("rate", rate and rate ~= "" and thousands(rate) or ""),
         ms(r.p50_ms), bold("p99", ms(r.p99_ms)),
         r.server_cpu_s_per_M and string.format("%.2f", r.server_cpu_s_per_M) or "",
         bold("memory", memory),
         (s ~= "go-nethttp" and h) and ratio(r, go) or "",
         (s ~= "nchan" and h) and ratio(r, nchan) or "",
+        p99_nchan, vs_best,
         r.spread and string.format("±%.0f%%", r.spread * 50) or ""))
     end
   end
@@ -170,6 +206,11 @@ print([[
   of server memory per idle connection for idle-10k and p99 latency for light (less is better).
 - **vs Go**, **vs Nchan**: this row's headline divided by Go's or Nchan's for the same workload.
   Above 1 is better for events/s, below 1 is better for memory and latency.
+- **p99 vs Nchan** (lua-sse): its p99 over Nchan's. fanout-1k, fanout-10k and burst publish as
+  fast as the server accepts (rate 0), so their p99 is the latency **under saturation**.
+- **vs best peer** (lua-sse): its headline over the best other server's in this run (the
+  highest events/s, the least memory or light p99), then its CPU per million deliveries over
+  the least of the others'. lua-sse runs with its default options (only `heartbeat = false`).
 - **spread**: half the range of the headline over the runs, relative to the median.
 - **delivered**: deliveries (fanout), streams answered (idle) or events read (count) over
   what was expected; ✗ marks a run where something failed (listed below).
