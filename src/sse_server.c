@@ -78,6 +78,11 @@
  * 32, 1.1M deliveries/s, p99 13 ms; 8: 1.65M/s, p99 8-9 ms; 4: 1.0M/s, p99 7-8 ms. */
 #define SSE_PUBLISHERS_AHEAD_MAX 8
 
+/* A half-closed connection whose unread bytes MHD has left alone over SSE_STUCK_LOOKS runs
+ * and SSE_STUCK_MS is shut down (close_half_closed); MHD reads what it can in the first
+ * run after the hang-up. The loop looks again at least every 4 * SSE_STUCK_MS meanwhile. */
+#define SSE_STUCK_LOOKS 3
+#define SSE_STUCK_MS 10
 /* How often a burst of the same refusal (per-address limit, descriptor limit) is logged. */
 #define SSE_BURST_LOG_MS 10000
 /* MHD may keep asking to be run at once (a connection it cannot progress stays on its
@@ -124,6 +129,9 @@ struct sse_conn {
     sse_ip_count          *ip;         /* its address's count, with max_per_ip */
     sse_watch              hup;        /* EPOLLRDHUP on its socket; fd = -1 when not watched */
     int                    peer_closed; /* the client has sent its FIN */
+    int                    unread;      /* ... and this many bytes were left unread */
+    uint64_t               unread_since; /* since then (loop clock, ms) */
+    unsigned               unread_looks; /* close_half_closed found them so, after a run */
     sse_stream            *stream;     /* the stream it carries, if any */
     int                    trimmed;    /* its send buffer was given back once (trim_idle) */
     uint64_t               trimmed_at; /* ... at this body position */
@@ -462,10 +470,14 @@ static void on_conn_hangup(sse_watch *w, uint32_t events)
 
 /* Connections waiting for a request whose client has closed: once MHD has read all
  * there was, no request can come any more, so shut them down (MHD then sees the
- * hang-up). One with bytes still unread is looked at again after the next run. */
+ * hang-up). One with bytes still unread is looked at again after the next run, and shut
+ * down once MHD has left them alone for a while (SSE_STUCK_*): MHD 0.9.75 stops reading,
+ * without answering or closing, when a head just fits its pool (docs/libmicrohttpd.md,
+ * "Memory"), and with its client gone nothing else would end it (found by fuzz_request). */
 static void close_half_closed(sse_server *srv)
 {
     srv->peer_closed = 0;
+    uint64_t now = sse_loop_now(srv->loop);
     sse_conn_list *lists[] = { &srv->waiting, &srv->idle };
     for (int i = 0; i < 2; i++) {
         for (sse_conn *c = lists[i]->head, *next; c; c = next) {
@@ -474,8 +486,15 @@ static void close_half_closed(sse_server *srv)
                 continue;
             int unread = 0;
             if (ioctl(c->fd, FIONREAD, &unread) == 0 && unread > 0) {
-                srv->peer_closed = 1;
-                continue;
+                if (unread != c->unread) {
+                    c->unread = unread;
+                    c->unread_since = now;
+                    c->unread_looks = 0;
+                }
+                if (++c->unread_looks < SSE_STUCK_LOOKS || now - c->unread_since < SSE_STUCK_MS) {
+                    srv->peer_closed = 1;
+                    continue;
+                }
             }
             conn_unlist(c);
             shutdown(c->fd, SHUT_RDWR);
@@ -1334,6 +1353,9 @@ int64_t sse_server_timeout(const sse_server *srv)
         if (t < 0 || m < t)
             t = m;
     }
+    /* A half-closed connection with bytes unread is looked at again (close_half_closed). */
+    if (srv->peer_closed && (t < 0 || t > SSE_STUCK_MS * 4000))
+        t = SSE_STUCK_MS * 4000;
     return t;
 }
 
