@@ -133,8 +133,8 @@ struct sse_conn {
     uint64_t               unread_since; /* since then (loop clock, ms) */
     unsigned               unread_looks; /* close_half_closed found them so, after a run */
     sse_stream            *stream;     /* the stream it carries, if any */
-    int                    trimmed;    /* its send buffer was given back once (trim_idle) */
-    uint64_t               trimmed_at; /* ... at this body position */
+    uint64_t               trim_at;    /* the stream's body position at which its send buffer
+                                          is next given back when idle (trim_idle) */
     sse_request           *deferred;   /* its request, while the binding answers it later */
     int                    decoded_nul; /* the last percent-decoding MHD asked of us made a
                                           NUL; MHD decodes the path last, so at the access
@@ -610,7 +610,7 @@ static void release_answers(sse_server *srv)
 }
 
 /* Resumes and sends the listed streams, if the pacing allows it now. A batch is the resume
- * list as it stands when the batch starts; it goes out in slices (batch_slice) with a loop
+ * list as it stands when the batch starts; it goes out in about SSE_BATCH_SLICES slices with a loop
  * turn between them, so publishes are read while a large fan-out is under way and the
  * streams later in the batch carry them in the same send. The batch ends, and the held
  * answers are released, after its last slice. */
@@ -648,16 +648,15 @@ static void send_batch(sse_server *srv)
  * pages of the free part of the send buffer (what the reader may write: MHD keeps nothing
  * there) are handed back to the kernel; they come back as zero pages when written. An idle
  * stream then keeps about two pages of its pool, whatever its size (docs/libmicrohttpd.md,
- * "Memory"). The position is per response, so a new stream on a kept-alive connection is
- * trimmed at its first idle too (trimmed is reset in sse_request_stream). */
+ * "Memory"). The position is per response, so trim_at is reset for each new stream on
+ * a kept-alive connection (sse_request_stream). */
 #define SSE_TRIM_BYTES (64 << 10)
 
 static void trim_idle(sse_conn *c, uint64_t pos, char *buf, size_t max)
 {
-    if (c->trimmed && pos - c->trimmed_at < SSE_TRIM_BYTES)
+    if (pos < c->trim_at)
         return;
-    c->trimmed = 1;
-    c->trimmed_at = pos;
+    c->trim_at = pos + SSE_TRIM_BYTES;
     uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
     uintptr_t from = ((uintptr_t)buf + page - 1) & ~(page - 1);
     uintptr_t to = ((uintptr_t)buf + max) & ~(page - 1);
@@ -1102,7 +1101,7 @@ sse_stream *sse_request_stream(sse_request *r, const sse_stream_opts *o)
      * only when a send fails. */
     if (r->c) {
         r->c->stream = st;
-        r->c->trimmed = 0;
+        r->c->trim_at = 0;
     }
     sse_stream_started(st, r->conn, r->c ? r->c->fd : -1, r->c && r->c->peer_closed);
     answered_later(r);
