@@ -79,11 +79,15 @@ local function ms(v)
   return string.format(v < 10 and "%.2f" or "%.1f", v)
 end
 
-local function ratio(r, ref)
-  if not ref then return "" end
-  local a, b = headline(r), headline(ref)
+-- a / b to two places, or "" when either is missing (or b is 0).
+local function over(a, b)
   if not a or not b or b == 0 then return "" end
   return string.format("%.2f", a / b)
+end
+
+local function ratio(r, ref)
+  if not ref then return "" end
+  return over(headline(r), headline(ref))
 end
 
 -- What went wrong in a run, in words (empty when nothing did).
@@ -105,23 +109,20 @@ local function problems(r)
   return table.concat(p, "; ")
 end
 
--- lua-sse against the best of the others in the same run, on the issue's three goals: the
--- headline (events/s or memory), p99 latency and CPU per million deliveries.
-local function best_peer(picked, field, higher)
+-- The best value(r) among the other servers of a workload (the highest when higher), to
+-- set lua-sse against: its headline, and its CPU per million deliveries.
+local function best_peer(picked, value, higher)
   local best
   for s, r in pairs(picked) do
-    local v = r[field]
-    if s ~= "lua-sse" and not r.na and not r.error and v and v > 0 then
+    local v = not r.na and not r.error and value(r)
+    if s ~= "lua-sse" and v and v > 0 then
       if not best or (higher and v > best) or (not higher and v < best) then best = v end
     end
   end
   return best
 end
 
-local function over(a, b)
-  if not a or not b or b == 0 then return "" end
-  return string.format("%.2f", a / b)
-end
+local function cpu_per_M(r) return r.server_cpu_s_per_M end
 
 print("| workload | server | delivered | events/s | p50 ms | p99 ms | server CPU-s per M | memory"
   .. " | vs Go | vs Nchan | p99 vs Nchan | vs best peer: headline / CPU | spread |")
@@ -168,10 +169,8 @@ for _, w in ipairs(workloads) do
       end
       if s == "lua-sse" and h then
         local _, higher = headline(r)
-        local field = r.mode == "idle" and "bytes_per_conn" or ((r.rate or 0) > 0 and "p99_ms")
-          or (r.mode == "count" and "events_per_s") or "deliveries_per_s"
-        vs_best = over(h, best_peer(picked, field, higher))
-        local cpu = best_peer(picked, "server_cpu_s_per_M", false)
+        vs_best = over(h, best_peer(picked, headline, higher))
+        local cpu = best_peer(picked, cpu_per_M, false)
         if r.server_cpu_s_per_M and cpu and r.mode ~= "idle" then
           vs_best = vs_best .. " / " .. over(r.server_cpu_s_per_M, cpu)
         end
