@@ -486,6 +486,35 @@ describe("sse.app HTTP server", function()
       client.wait(app, function() return after end, 2, "the second timer")
       assert.truthy(client.find_log(logs, "timer-oops-55"), client.show_logs(logs))
     end)
+
+    -- As browsers do with setTimeout: a runaway after(0) chain costs ~1 % of a core, not 100 %.
+    it("after(0) re-armed from its own callback: the first 5 levels run in the next turns, deeper ones wait at least 4 ms", function()
+      local app = client.app()
+      assert(app:listen())
+      local fired, times = 0, {}
+      local function again()
+        fired = fired + 1
+        times[fired] = client.gettime()
+        app:after(0, again)
+      end
+      app:after(0, again)
+      client.wait(app, function() return fired >= 30 end, 5, "30 levels of the chain")
+      -- the loop's clock is in milliseconds: each deeper level is at least 3 ms after the last
+      for i = 8, 30 do
+        assert.is_true(times[i] - times[i - 1] >= 0.003, ("level %d came %.4f s after level %d")
+          :format(i, times[i] - times[i - 1], i - 1))
+      end
+      local t0, n0 = client.gettime(), fired
+      client.run_for(app, 0.5)
+      local rate = (fired - n0) / (client.gettime() - t0)
+      assert.is_true(rate <= 260, ("%.0f callbacks per second"):format(rate))
+      -- an after(0) armed outside a timer callback is not delayed
+      local done
+      app:after(0, function() done = client.gettime() end)
+      local t1 = client.gettime()
+      client.wait(app, function() return done end, 2, "a fresh after(0)")
+      assert.is_true(done - t1 < 0.5)
+    end)
   end)
 
   describe("stop and run", function()

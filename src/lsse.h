@@ -74,6 +74,8 @@ typedef struct lsse_server {
     struct sse_broker *broker; /* channels on Redis (app option broker), or NULL */
     struct lsse_waiter *waiters; /* resumes waiting for a channel's history (lsse_channel.c) */
     int64_t       created_us;  /* when the server was made (app:stats' uptime) */
+    unsigned      timer_nesting; /* while a timer's callback runs (until it first waits):
+                                    that timer's nesting level + 1 (lsse_timer.c) */
 } lsse_server;
 
 /* Registers the class `name`: meta holds its metamethods; methods are what obj.name

@@ -167,6 +167,7 @@ struct sse_server {
     sse_burst          per_ip_burst;
     sse_burst          accept_burst;
     int64_t            mhd_zero_since; /* MHD has asked to run at once since (us), or 0 */
+    int                spin_logged;    /* ... and the guard that slows the loop said so */
     sse_request       *deferred;       /* requests whose answer comes later (sse_request_defer) */
     uint64_t           requests;       /* answered (streams included), for app:stats() */
     int                reuseport;      /* a worker: the port is shared (sse_server_share_port) */
@@ -581,6 +582,14 @@ static void drive_mhd(sse_server *srv)
     int passes = 0;
     int spinning = mhd_spinning(srv);
     int more;
+    /* The guard is a backstop: no connection state we know of needs it (hostile_spec's
+     * "every attack in turn" checks that it stays quiet), so it says when it acts. */
+    if (spinning && !srv->spin_logged) {
+        srv->spin_logged = 1;
+        slog(srv, SSE_LOG_WARN, "libmicrohttpd asked to be run at once for %d s with nothing "
+             "to send; running it once per %d us from now on (a connection it cannot "
+             "progress: please report)", SSE_SPIN_AFTER_US / 1000000, SSE_SPIN_WAIT_US);
+    }
     do {
         srv->resume_pending = 0;
         srv->conn_closed = 0;
@@ -593,7 +602,7 @@ static void drive_mhd(sse_server *srv)
     } while ((srv->resume_pending || srv->conn_closed || (more && !spinning)) &&
              ++passes < SSE_MHD_PASSES);
     if (!more)
-        srv->mhd_zero_since = 0;
+        srv->mhd_zero_since = srv->spin_logged = 0;
     else if (!srv->mhd_zero_since)
         srv->mhd_zero_since = sse_loop_now_us();
 }
