@@ -27,7 +27,9 @@
  *   timer    keeps the server in a user value; inert once the server is closed (cancel
  *            only releases it: the loop and its timers are gone)
  *   channel  keeps the server in a user value; inert once the server is closed (raises
- *            "attempt to use a channel of a closed app")
+ *            "attempt to use a channel of a closed app"). The userdata is a handle on
+ *            a record of lsse_channel.c, which owns the sse_channel: freed once no
+ *            handle and no subscriber is left (and, without a broker, no history)
  *   parser, file   no server: each owns its C object (parser state, descriptor)
  *   channel stream (lsse_substream) is no Lua object: C memory owned by its sse_stream,
  *            freed by its closed hook.
@@ -66,8 +68,8 @@ typedef struct lsse_server {
     int           finalizing;  /* __gc: drop streams without running Lua */
     size_t        high_water;
     sse_ids       ids;         /* app-wide event ids shared by all channels */
-    sse_channel **channels;    /* owned here: freed after the last stream is gone */
-    unsigned      nchannels, channels_cap;
+    struct lsse_chans *chans;  /* the channels by name (lsse_channel.c), made on first use */
+    unsigned      max_channels; /* 0: no limit */
     struct lsse_task *running; /* the app coroutine being resumed now, or NULL */
     struct sse_http  *http;    /* outbound HTTP (lsse_http.c), made on first use */
     struct lsse_fetch *fetches; /* fetches in flight, freed with the server */

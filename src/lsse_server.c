@@ -65,6 +65,7 @@ static int ref_function(lua_State *L, lsse_server *b, int idx, const char *field
 
 /* core.server{ host, port, max_connections, max_body, queue_limit, connection_memory,
  *              request_timeout_ms, keepalive_timeout_ms, max_connections_per_ip,
+ *              max_channels (0 or absent: no limit),
  *              dispatch = fn(req), admit = fn(req), log = fn(level, msg) } */
 static int server_new(lua_State *L)
 {
@@ -92,6 +93,7 @@ static int server_new(lua_State *L)
     b->self_ref = b->dispatch_ref = b->admit_ref = b->log_ref = b->signal_ref = LUA_NOREF;
     lsse_new_anchors(L, b);
     luaL_setmetatable(L, SERVER_MT);
+    b->max_channels = (unsigned)opt_size(L, 1, "max_channels", 0);
     b->ids.epoch = sse_ids_epoch();
     b->created_us = sse_loop_now_us();
     b->high_water = cfg.queue_limit / 2 < (64 << 10) ? cfg.queue_limit / 2 : (64 << 10);
@@ -166,7 +168,8 @@ static void set_count(lua_State *L, const char *name, uint64_t v)
 }
 
 /* server:stats() -> { connections, streams, streams_started, events_sent, heartbeats,
- * bytes_sent, dropped_slow, requests, channels, subscribers, publishes, channel_list } */
+ * bytes_sent, dropped_slow, requests, channels, subscribers, publishes, channels_evicted,
+ * channels_refused, channel_list } */
 static int server_stats(lua_State *L)
 {
     lsse_server *b = lsse_check_server(L, 1);

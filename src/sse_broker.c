@@ -78,6 +78,9 @@ typedef struct bchan {
     int            ready;                   /* its history is read (again, after an epoch change) */
     int            fresh;                   /* never read yet: what the stream has is history */
     int            syncing, sync_again;
+    unsigned       inflight;                /* syncs given whose reply has not come: a
+                                               detached channel (ch NULL) is freed after
+                                               the last */
     early         *early;                   /* sorted by n */
     unsigned       nearly, early_cap;
     struct bchan  *next_in_bucket, *next;
@@ -85,7 +88,8 @@ typedef struct bchan {
 
 /* A publish waiting for its reply. */
 typedef struct pub {
-    bchan               *bc;
+    sse_broker          *br;
+    bchan               *bc;                 /* NULL once its channel is detached */
     sse_broker_published cb;
     void                *ud;
     int                  own;                /* the event has an id of its own */
@@ -334,10 +338,18 @@ static void on_sync_reply(bchan *bc, const redisReply *r, const char *err);
 
 /* The replies that run the caller's code (a publish's callback, the ready hook), which
  * may free the broker, count themselves in br->depth (see sse_broker_free). */
+static void bchan_free(bchan *bc);
+
 static void on_sync(void *ud, const redisReply *r, const char *err)
 {
     bchan *bc = ud;
     sse_broker *br = bc->br;
+    bc->inflight--;
+    if (!bc->ch) {                         /* detached meanwhile: it waited for this */
+        if (!bc->inflight)
+            bchan_free(bc);
+        return;
+    }
     br->depth++;
     on_sync_reply(bc, r, err);
     br->depth--;
@@ -442,8 +454,10 @@ static void sync_channel(bchan *bc)
     snprintf(after, sizeof after, "%llu", (unsigned long long)bc->last_seq);
     const char *argv[] = { br->meta, bc->stream, bc->hash, after };
     size_t lens[] = { strlen(br->meta), strlen(bc->stream), strlen(bc->hash), strlen(after) };
-    if (sse_redis_eval(br->redis, br->sync_script, on_sync, bc, 3, 4, argv, lens) == 0)
+    if (sse_redis_eval(br->redis, br->sync_script, on_sync, bc, 3, 4, argv, lens) == 0) {
         bc->syncing = 1;
+        bc->inflight++;
+    }
 }
 
 /* Redis's epoch is known now, or has changed: Redis lost its data (a restart without
@@ -538,7 +552,14 @@ static void on_published_reply(pub *p, const redisReply *r, const char *err);
 static void on_published(void *ud, const redisReply *r, const char *err)
 {
     pub *p = ud;
-    sse_broker *br = p->bc->br;
+    sse_broker *br = p->br;
+    if (!p->bc) {                          /* its channel was freed meanwhile */
+        if (!br->freeing && p->cb)
+            p->cb(p->ud, NULL, 0, "channel freed");
+        if (!br->freeing)
+            pub_free(br, p);
+        return;
+    }
     br->depth++;
     on_published_reply(p, r, err);
     br->depth--;
@@ -546,7 +567,7 @@ static void on_published(void *ud, const redisReply *r, const char *err)
 
 static void on_published_reply(pub *p, const redisReply *r, const char *err)
 {
-    sse_broker *br = p->bc->br;
+    sse_broker *br = p->br;
     if (br->freeing)
         return;
     char why[256];
@@ -627,6 +648,7 @@ int sse_broker_publish(sse_broker *br, sse_channel *ch, const sse_event *ev,
     pub *p = calloc(1, sizeof *p);
     if (!p)
         return -ENOMEM;
+    p->br = br;
     p->bc = bc;
     p->cb = cb;
     p->ud = ud;
@@ -828,19 +850,24 @@ void sse_broker_free(sse_broker *br)
         release(br);
 }
 
+static void bchan_free(bchan *bc)
+{
+    while (bc->nearly)
+        drop_early(bc, 0);
+    free(bc->early);
+    free(bc->topic);
+    free(bc->stream);
+    free(bc->hash);
+    free(bc);
+}
+
 static void release(sse_broker *br)
 {
     while (br->pubs)
         pub_free(br, br->pubs);
     for (bchan *bc = br->channels, *next; bc; bc = next) {
         next = bc->next;
-        while (bc->nearly)
-            drop_early(bc, 0);
-        free(bc->early);
-        free(bc->topic);
-        free(bc->stream);
-        free(bc->hash);
-        free(bc);
+        bchan_free(bc);
     }
     sse_redis_script_free(br->publish_script);
     sse_redis_script_free(br->sync_script);
@@ -887,6 +914,32 @@ int sse_broker_attach(sse_broker *br, sse_channel *ch)
     sync_channel(bc);
     sse_timer_start(br->loop, &br->settle, SETTLE_MS, 0);
     return 0;
+}
+
+void sse_broker_detach(sse_broker *br, sse_channel *ch)
+{
+    bchan *bc = find_channel(br, ch);
+    if (!bc)
+        return;
+    for (bchan **link = &br->channels; *link; link = &(*link)->next)
+        if (*link == bc) {
+            *link = bc->next;
+            break;
+        }
+    uint32_t h = hash(bc->topic, strlen(bc->topic)) % BUCKETS;
+    for (bchan **link = &br->buckets[h]; *link; link = &(*link)->next_in_bucket)
+        if (*link == bc) {
+            *link = bc->next_in_bucket;
+            break;
+        }
+    sse_redis_unsubscribe(br->redis, bc->topic, strlen(bc->topic));
+    for (pub *p = br->pubs; p; p = p->next)
+        if (p->bc == bc)
+            p->bc = NULL;
+    bc->ch = NULL;
+    if (bc->inflight)                      /* freed by the last reply (on_sync) */
+        return;
+    bchan_free(bc);
 }
 
 int sse_broker_ready(const sse_broker *br, const sse_channel *ch)

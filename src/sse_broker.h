@@ -60,6 +60,10 @@ int         sse_broker_up(const sse_broker *br);
 /* The channel lives in Redis from now on (it must be used with this broker for the rest
  * of its life): its topic is subscribed and its history read. 0 or -ENOMEM. */
 int  sse_broker_attach(sse_broker *br, sse_channel *ch);
+/* The channel is about to be freed (nobody uses it here): its topic is unsubscribed
+ * and everything this broker keeps of it dropped. A publish to it still waiting for its
+ * reply is answered "channel freed". */
+void sse_broker_detach(sse_broker *br, sse_channel *ch);
 /* Its history has been read once: a resume point may be computed. */
 int  sse_broker_ready(const sse_broker *br, const sse_channel *ch);
 

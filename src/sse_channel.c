@@ -29,7 +29,10 @@ struct sse_channel {
     entry     *hist;           /* ring of the last `history` events */
     unsigned   history, head, count;
     uint64_t   dropped;        /* newest sequence number no longer kept (0: none) */
+    uint64_t   last;           /* newest sequence number delivered or remembered (0: none) */
     uint64_t   published;      /* events delivered (published here or by the broker) */
+    sse_channel_idle idle;     /* called when the last subscriber leaves */
+    void      *idle_ud;
 };
 
 uint64_t sse_ids_epoch(void)
@@ -48,10 +51,7 @@ sse_channel *sse_channel_new(const char *name, unsigned history, sse_ids *ids)
     if (!ch)
         return NULL;
     ch->name = strdup(name);
-    ch->hist = history ? calloc(history, sizeof *ch->hist) : NULL;
-    if (!ch->name || (history && !ch->hist)) {
-        free(ch->name);
-        free(ch->hist);
+    if (!ch->name) {
         free(ch);
         return NULL;
     }
@@ -78,6 +78,14 @@ const char *sse_channel_name(const sse_channel *ch) { return ch->name; }
 unsigned sse_channel_subscribers(const sse_channel *ch) { return ch->nsubs; }
 unsigned sse_channel_history(const sse_channel *ch) { return ch->history; }
 uint64_t sse_channel_published(const sse_channel *ch) { return ch->published; }
+unsigned sse_channel_kept(const sse_channel *ch) { return ch->count; }
+uint64_t sse_channel_last(const sse_channel *ch) { return ch->last; }
+
+void sse_channel_on_idle(sse_channel *ch, sse_channel_idle fn, void *ud)
+{
+    ch->idle = fn;
+    ch->idle_ud = ud;
+}
 
 static entry *hist_at(const sse_channel *ch, unsigned i)
 {
@@ -92,7 +100,14 @@ static sse_chunk *form(const entry *e, int format)
 static void remember(sse_channel *ch, uint64_t seq, sse_chunk *c, sse_chunk *nd,
                      const char *id, size_t id_len)
 {
-    if (ch->history == 0) {
+    if (seq > ch->last)
+        ch->last = seq;
+    /* The ring is made on first use: a channel nobody publishes to (a room only
+     * subscribed to, then left) costs no history. Without memory the event is dropped
+     * as if pushed out: a resume from before it gets the gap. */
+    if (ch->history && !ch->hist)
+        ch->hist = calloc(ch->history, sizeof *ch->hist);
+    if (!ch->hist) {
         ch->dropped = seq;
         return;
     }
@@ -407,6 +422,8 @@ int sse_unsubscribe(sse_subscriber *sb, sse_channel *ch)
             drop_pending(sb, i);
             break;
         }
+    if (ch->nsubs == 0 && ch->idle)
+        ch->idle(ch->idle_ud, ch);
     return 0;
 }
 

@@ -117,13 +117,24 @@ typedef struct sse_subscriber {
     unsigned     nheld, held_cap;
 } sse_subscriber;
 
-/* ids: the app-wide ids shared by all channels of an app. */
+/* ids: the app-wide ids shared by all channels of an app. The history ring is
+ * allocated with the first event kept. */
 sse_channel *sse_channel_new(const char *name, unsigned history, sse_ids *ids);
 void         sse_channel_free(sse_channel *ch);  /* no subscriber may remain */
 const char  *sse_channel_name(const sse_channel *ch);
 unsigned     sse_channel_subscribers(const sse_channel *ch);
 unsigned     sse_channel_history(const sse_channel *ch);
 uint64_t     sse_channel_published(const sse_channel *ch);   /* events delivered to it */
+unsigned     sse_channel_kept(const sse_channel *ch);        /* events kept for replay now */
+/* The sequence number of the newest event it was given (delivered or remembered), kept
+ * or not: what a client of it may have missed once the channel is gone. 0: none. */
+uint64_t     sse_channel_last(const sse_channel *ch);
+
+/* The owner's hook: fn(ud, ch) runs when ch's last subscriber leaves (sse_unsubscribe,
+ * sse_subscriber_clear), so that an owner freeing unused channels learns of it. It runs
+ * in the middle of those calls: it may note the channel, not free it. */
+typedef void (*sse_channel_idle)(void *ud, sse_channel *ch);
+void         sse_channel_on_idle(sse_channel *ch, sse_channel_idle fn, void *ud);
 
 /* Encodes ev once and queues it to every subscriber. An event without an id is sent
  * with the app's id for its sequence number. Returns the sequence number, 0 on ENOMEM.

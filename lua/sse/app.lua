@@ -10,6 +10,9 @@ local cjson = require("cjson")
 
 local M = {}
 
+-- The default of the app option max_channels.
+M.MAX_CHANNELS = 10000
+
 local type, pairs, ipairs, tostring, error = type, pairs, ipairs, tostring, error
 local getmetatable = getmetatable
 local xpcall, traceback, concat = xpcall, debug.traceback, table.concat
@@ -26,6 +29,7 @@ local OPTIONS = {
   shutdown_timeout = "number", tls = "table", gzip = "boolean",
   request_timeout = "number|boolean", keepalive_timeout = "number|boolean",
   max_connections_per_ip = "number", broker = "string|table", workers = "number|string",
+  max_channels = "number|boolean",
 }
 
 local function check_options(opts, allowed, where)
@@ -218,7 +222,9 @@ function M.new(opts)
     _presence_ttl = broker and broker.presence_ttl or 30,
     _routes = router.new(),
     _before = {},
-    _channels = {},
+    -- name -> channel, weakly: a channel the script no longer holds, that nobody
+    -- subscribes to and that keeps no history is freed (src/lsse_channel.c)
+    _channels = setmetatable({}, { __mode = "v" }),
     _methods = {},       -- methods some route uses: others, if not standard, get 501
     _heartbeat = opts.heartbeat == nil and 15 or opts.heartbeat,
     _retry = opts.retry,
@@ -244,6 +250,12 @@ function M.new(opts)
       or opts.max_connections_per_ip < 1) then
     error("sse.app: option 'max_connections_per_ip' must be a positive integer", 2)
   end
+  local max_channels = opts.max_channels
+  if max_channels == nil then max_channels = M.MAX_CHANNELS end
+  if max_channels ~= false and (math.type(max_channels) ~= "integer" or max_channels < 1) then
+    error("sse.app: option 'max_channels' must be a positive integer or false", 2)
+  end
+  self._max_channels = max_channels or nil
   self._core = core.server({
     host = self.host,
     port = opts.port or 8080,
@@ -254,6 +266,7 @@ function M.new(opts)
     request_timeout_ms = timeout_ms(opts.request_timeout, "request_timeout", 30),
     keepalive_timeout_ms = timeout_ms(opts.keepalive_timeout, "keepalive_timeout", 5),
     max_connections_per_ip = opts.max_connections_per_ip,
+    max_channels = max_channels or nil,
     broker = broker,
     dispatch = function(req)
       return self:_dispatch(req)
@@ -318,10 +331,12 @@ end
 
 -- ---- channels ----
 
--- Same name, same channel. history: how many recent events are kept for replay.
+-- Same name, same channel. history: how many recent events are kept for replay. A
+-- channel nothing uses any more is freed (see src/lsse_channel.c); past max_channels, when
+-- every channel is in use, this raises a refusal: a handler's client gets 503.
 function App:channel(name, opts)
-  if type(name) ~= "string" or name == "" then
-    error("app:channel: name must be a non-empty string", 2)
+  if type(name) ~= "string" or name == "" or name:find("\0", 1, true) then
+    error("app:channel: name must be a non-empty string without NUL bytes", 2)
   end
   opts = opts or {}
   check_options(opts, { history = "number" }, "app:channel")
@@ -335,10 +350,16 @@ function App:channel(name, opts)
       .. "worker process would have channels of its own", 2)
   end
   if not ch then
-    ch = self._core:channel(name, history or 100)
+    local err
+    ch, err = self._core:channel(name, history or 100)
+    if not ch then
+      request.refuse(503, "too many channels (" .. err .. " " .. self._max_channels
+        .. " reached, all in use)\n")
+    end
     presence.channel(self, ch)
     self._channels[name] = ch
-  elseif history ~= nil and history ~= ch.history then
+  end
+  if history ~= nil and history ~= ch.history then
     error("app:channel: channel '" .. name .. "' exists with history " .. ch.history, 2)
   end
   return ch
@@ -819,7 +840,11 @@ local METRICS = {
   { "sse_connections", "gauge", "Open TCP connections.", "connections" },
   { "sse_streams", "gauge", "Open event streams.", "streams" },
   { "sse_subscribers", "gauge", "Channel subscriptions of open streams.", "subscribers" },
-  { "sse_channels", "gauge", "Channels in use.", "channels" },
+  { "sse_channels", "gauge", "Channels in memory (in use, or idle keeping their history).", "channels" },
+  { "sse_channels_evicted_total", "counter",
+    "Idle channels freed with their history to stay within max_channels.", "channels_evicted" },
+  { "sse_channels_refused_total", "counter",
+    "New channels refused: max_channels reached with every channel in use.", "channels_refused" },
   { "sse_streams_started_total", "counter", "Event streams started.", "streams_started" },
   { "sse_events_sent_total", "counter", "Events (and comments) queued to streams, not heartbeats.",
     "events_sent" },
@@ -831,8 +856,25 @@ local METRICS = {
   { "sse_uptime_seconds", "gauge", "Seconds since the app was created.", "uptime" },
 }
 
+-- A label value: valid UTF-8 (Prometheus refuses anything else: an invalid byte of a
+-- name becomes U+FFFD), with backslash, double quote and newline escaped.
 local function label(v)
-  return (tostring(v):gsub("[\\\n\"]", { ["\\"] = "\\\\", ["\n"] = "\\n", ['"'] = '\\"' }))
+  v = tostring(v)
+  if not utf8.len(v) then
+    local out, i = {}, 1
+    while true do
+      local ok, bad = utf8.len(v, i)
+      if ok then
+        out[#out + 1] = v:sub(i)
+        break
+      end
+      out[#out + 1] = v:sub(i, bad - 1)
+      out[#out + 1] = "\u{FFFD}"
+      i = bad + 1
+    end
+    v = concat(out)
+  end
+  return (v:gsub("[\\\n\"]", { ["\\"] = "\\\\", ["\n"] = "\\n", ['"'] = '\\"' }))
 end
 
 -- The figures in the Prometheus text exposition format (version 0.0.4).

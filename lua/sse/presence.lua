@@ -48,7 +48,7 @@ end
 local function state(app)
   local st = app._presence
   if not st then
-    st = { channels = {}, events = {}, proc = nil, refresh = nil }
+    st = { channels = {}, proc = nil, refresh = nil }
     app._presence = st
   end
   return st
@@ -93,7 +93,7 @@ local function start_refresh(app, st)
 end
 
 local function announce(app, st, ch, kind, key, info)
-  if not st.events[ch.name] then return end
+  if not ch._presence_events then return end
   local ev = { event = kind, data = { key = key, info = info } }
   if app._broker then
     app:spawn(function()
@@ -114,6 +114,8 @@ local function leave(app, st, stream, ch)
   entry.count = entry.count - 1
   if entry.count == 0 then
     m.keys[key] = nil
+    -- nothing is kept of a channel without members (its name came from a client, maybe)
+    if next(m.keys) == nil then st.channels[ch.name] = nil end
     if app._broker then
       local _, hash = redis_keys(app, st, ch.name)
       app:spawn(function() app._core:redis("HDEL", hash, key) end)
@@ -130,8 +132,8 @@ local function join(app, stream, ch, key, info)
   end
   if stream.closed then return nil, "closed" end
   local st = state(app)
+  leave(app, st, stream, ch)   -- a stream joined already joins again (as another key)
   local m = members_of(st, ch.name)
-  if m.streams[stream] ~= nil then leave(app, st, stream, ch) end
   local json = cjson.encode(info == nil and cjson.null or info)
   local entry = m.keys[key]
   local new = entry == nil
@@ -204,8 +206,10 @@ local function install()
   channels.presence = function(ch)
     return presence(app_of(ch, "ch:presence"), ch)
   end
+  -- a field of the channel: it lasts as long as the channel (not the handle)
   channels.presence_events = function(ch, on)
-    state(app_of(ch, "ch:presence_events")).events[ch.name] = on ~= false or nil
+    app_of(ch, "ch:presence_events")
+    ch._presence_events = on ~= false or nil
     return ch
   end
 end
