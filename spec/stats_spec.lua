@@ -87,4 +87,102 @@ describe("app:stats and app:metrics", function()
     os.remove(path)
     assert.truthy(out:find("status=0", 1, true), out)
   end)
+
+  -- Issue 18, part 5: names clients choose (rooms, presence keys and info) reach the
+  -- figures; the text stays valid for Prometheus and every name reads back as it was.
+  it("channel names and presence from clients (quotes, newlines, braces, HTML, invalid "
+    .. "UTF-8) keep app:metrics valid, each name read back by a Prometheus text parser", function()
+    local app = client.app({ heartbeat = false })
+    app:stream("/rooms/:room", function(stream, req)
+      local ch = app:channel(req.params.room)
+      stream:subscribe(ch, false)
+      stream:join(ch, req.query.user, { info = req.query.info })
+    end)
+    app:metrics("/metrics")
+    assert(app:listen())
+    local names = {
+      'a"b', "x\ny", "{}", "<img src=x onerror=alert(1)>", "back\\slash", "日本語 ✓",
+      "bad\xff\xfe-utf8", "cr\rhere", '"} 1\nfake_metric{x="y"} 2', "# HELP sse_streams lies",
+      "\\\"\\n",
+    }
+    local function pct(s)
+      return (s:gsub("[^%w%-%._~]", function(c) return ("%%%02X"):format(c:byte()) end))
+    end
+    local clients = {}
+    for i, name in ipairs(names) do
+      clients[i] = client.connect(app, ("/rooms/%s?user=%s&info=%s"):format(pct(name), pct(name), pct(name)))
+    end
+    client.wait(app, function() return app:stats().subscribers == #names end, 5, "every room subscribed")
+    for _, name in ipairs(names) do   -- the names arrived as they were sent
+      assert.are.equal(1, app:channel(name).subscribers, name)
+      assert.are.same({ [name] = { info = name } }, app:channel(name):presence())
+    end
+    local res = client.request(app, "GET", "/metrics")
+    assert.are.equal(200, res.status)
+    -- A small parser of the text format's samples: name{label="value",...} number, with
+    -- \\ \" \n the only escapes in a value.
+    local function parse(text)
+      local samples = {}
+      for line in text:gmatch("[^\n]+") do
+        if line:sub(1, 1) ~= "#" then
+          local metric, rest = line:match("^([%a_:][%w_:]*)(.*)$")
+          assert(metric, "not a sample line: " .. line)
+          local labels, i = {}, 1
+          if rest:sub(1, 1) == "{" then
+            i = 2
+            while rest:sub(i, i) ~= "}" do
+              local lname = rest:match("^([%a_][%w_]*)=\"", i)
+              assert(lname, "bad label in: " .. line)
+              i = i + #lname + 2
+              local value = {}
+              while true do
+                local c = rest:sub(i, i)
+                assert(c ~= "", "unterminated label value in: " .. line)
+                if c == "\\" then
+                  local e = rest:sub(i + 1, i + 1)
+                  value[#value + 1] = assert(({ ["\\"] = "\\", ['"'] = '"', n = "\n" })[e], "bad escape in: " .. line)
+                  i = i + 2
+                elseif c == '"' then
+                  i = i + 1
+                  break
+                else
+                  value[#value + 1] = c
+                  i = i + 1
+                end
+              end
+              labels[lname] = table.concat(value)
+              if rest:sub(i, i) == "," then i = i + 1 end
+            end
+            i = i + 1
+          end
+          local number = rest:sub(i):match("^ (%-?[%d%.e+]+)$")
+          assert(number, "bad value in: " .. line)
+          samples[#samples + 1] = { metric = metric, labels = labels, value = tonumber(number) }
+        end
+      end
+      return samples
+    end
+    local seen = {}
+    for _, sample in ipairs(parse(res.body)) do
+      assert.is_true(sample.metric:find("^sse_") ~= nil, sample.metric)
+      if sample.metric == "sse_channel_subscribers" then
+        seen[sample.labels.channel] = sample.value
+      end
+    end
+    for _, name in ipairs(names) do
+      -- Prometheus takes UTF-8 only: an invalid byte reads back as U+FFFD
+      local want = name:gsub("[\xfe\xff]", "\u{FFFD}")
+      assert.are.equal(1, seen[want], want)
+    end
+    assert.are.equal(#names, (function() local n = 0 for _ in pairs(seen) do n = n + 1 end return n end)())
+    if not client.sh("command -v promtool"):match("promtool") then
+      pending("promtool is not installed (Debian's prometheus package; scripts/setup.sh installs it)")
+      return
+    end
+    local path = os.tmpname()
+    client.write_file(path, res.body)
+    local out = client.sh("promtool check metrics < " .. path .. "; echo status=$?")
+    os.remove(path)
+    assert.truthy(out:find("status=0", 1, true), out .. "\n" .. res.body)
+  end)
 end)
