@@ -786,7 +786,7 @@ function App:listen()
     if not key then return nil, err, code end
   end
   local ok
-  ok, err, code = self._core:listen(cert, key)
+  ok, err, code = self._core:listen(cert, key, self._tls and self._tls.priorities)
   if not ok then
     return nil, err, code
   end
