@@ -119,9 +119,10 @@ static int server_listen(lua_State *L)
     lsse_server *b = lsse_check_server(L, 1);
     const char *cert = luaL_optstring(L, 2, NULL);
     const char *key = luaL_optstring(L, 3, NULL);
+    const char *priorities = luaL_optstring(L, 4, NULL);
     char err[512];
     b->L = L;
-    int rc = sse_server_listen(b->srv, cert, key, err, sizeof err);
+    int rc = sse_server_listen(b->srv, cert, key, priorities, err, sizeof err);
     if (rc) {
         lua_pushnil(L);
         lua_pushstring(L, err);

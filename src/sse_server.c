@@ -25,6 +25,9 @@
  * NUL in the path, framing that could smuggle a request past a proxy), and a request
  * that announces a body is routed first (the admit hook), so bodies nobody wants are
  * never read. README.md, "Security and limits", says what users get.
+ *
+ * TLS (docs/tls.md): a handshake that waits for its client is parked (suspended, its
+ * socket watched by us) so that it cannot keep libmicrohttpd, and so the loop, busy.
  */
 #include "sse_server.h"
 #include "sse_buf.h"
@@ -92,6 +95,9 @@
  * state can make the loop spin. */
 #define SSE_SPIN_AFTER_US 1000000
 #define SSE_SPIN_WAIT_US 1000
+/* What TLS offers unless the caller says otherwise (GnuTLS priority syntax): GnuTLS's
+ * NORMAL set, TLS 1.2 and 1.3 only (NORMAL alone also allows 1.0 and 1.1). */
+#define SSE_TLS_PRIORITIES "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2"
 /* Buckets of the per-address connection counts (only with max_per_ip). */
 #define SSE_IP_BUCKETS 1024
 
@@ -139,6 +145,11 @@ struct sse_conn {
     int                    decoded_nul; /* the last percent-decoding MHD asked of us made a
                                           NUL; MHD decodes the path last, so at the access
                                           handler this says whether the path has one */
+    int                    requested;  /* a request has started on it (over TLS: the
+                                          handshake is done) */
+    int                    shut;       /* we shut it down (late, or half-closed) */
+    int                    parked;     /* TLS: suspended by us until its client sends more
+                                          (tls_park_waiting); hup watches EPOLLIN too */
 };
 
 struct sse_server {
@@ -174,6 +185,7 @@ struct sse_server {
     unsigned           responding;     /* requests answered (not streams), not completed */
     int                conn_closed;    /* a connection closed during this MHD_run */
     int                peer_closed;    /* a client without a stream sent its FIN */
+    int                tls;            /* listening with TLS */
 };
 
 struct sse_request {
@@ -254,6 +266,10 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
         log_burst(srv, &srv->accept_burst, what);
         return;
     }
+    /* Said with the client's address when the connection closes (tls_log_unserved). */
+    static const char handshake_failed[] = "Error: received handshake message out of context";
+    if (strncmp(msg, handshake_failed, sizeof handshake_failed - 1) == 0)
+        return;
     /* Everything else (every reader abort, our way of closing a dead client, is reported
      * as an error) stays out of the default log. */
     srv->cfg.hooks->log(srv->cfg.ud, SSE_LOG_DEBUG, msg);
@@ -313,6 +329,8 @@ static void conn_deadline(sse_conn *c, sse_conn_list *l)
         arm_deadlines(srv);
 }
 
+static void tls_unpark(sse_conn *c);
+
 /* Past its deadline: shut the socket down. MHD sees the hang-up on its next run and
  * closes the connection (it cannot be told to from outside a callback). */
 static void on_deadlines(sse_timer *t)
@@ -327,7 +345,9 @@ static void on_deadlines(sse_timer *t)
             slog(srv, SSE_LOG_DEBUG, "closing a connection %s (fd %d)",
                  lists[i] == &srv->idle ? "idle after its last request" : "whose request did not arrive in time",
                  c->fd);
+            c->shut = 1;
             shutdown(c->fd, SHUT_RDWR);
+            tls_unpark(c);        /* a parked handshake: MHD sees the shutdown once resumed */
         }
     }
     arm_deadlines(srv);
@@ -457,6 +477,12 @@ static void answered_later(sse_request *r)
 static void on_conn_hangup(sse_watch *w, uint32_t events)
 {
     sse_conn *c = container_of(w, sse_conn, hup);
+    /* A parked connection's client sent bytes, or hung up: MHD goes on with it. */
+    if (c->parked) {
+        tls_unpark(c);
+        if (!(events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) || c->hup.fd < 0)
+            return;
+    }
     /* Level-triggered: stop watching at once or this fires every turn. */
     sse_loop_unwatch(c->srv->loop, &c->hup);
     c->hup.fd = -1;
@@ -498,9 +524,94 @@ static void close_half_closed(sse_server *srv)
                 }
             }
             conn_unlist(c);
+            c->shut = 1;
             shutdown(c->fd, SHUT_RDWR);
+            tls_unpark(c);
         }
     }
+}
+
+/* ---- TLS: handshakes parked while they wait for their client ----
+ *
+ * libmicrohttpd 0.9.75 in epoll mode clears a connection's "ready to read" mark only when
+ * a read of request bytes finds none (recv_tls_adapter in connection_https.c). A handshake
+ * that needs more bytes from the client (gnutls_handshake: GNUTLS_E_AGAIN) leaves the
+ * mark set, so the connection stays on MHD's ready list, MHD_get_timeout answers 0, and
+ * every run calls the handshake again until the client sends the rest: each handshake
+ * spins the loop for a round trip, and a client that sends half a ClientHello and waits
+ * spins it until request_timeout (one such client took 65 % of a core, 250 took all of
+ * it). So after a run in which MHD asks to be run again at once, a TLS connection that has
+ * not started a request and has nothing unread on its socket is parked: suspended (MHD
+ * no longer looks at it) while our watch on its socket waits for bytes or a hang-up, then
+ * resumed, and MHD goes on with the handshake. Before its first request a connection can
+ * only be waiting for its client (the handshake, or the first bytes of the head), so
+ * parking it loses nothing. Its request_timeout runs on meanwhile: at the deadline it is
+ * shut down and resumed, and MHD closes it. (A handshake blocked on sending, a client that
+ * does not read a first flight of a few KB, would also wait for the deadline.) */
+
+/* Parks the connections waiting for their client; 1 if it parked any. */
+static int tls_park_waiting(sse_server *srv)
+{
+    int parked = 0;
+    for (sse_conn *c = srv->waiting.head; c; c = c->next) {
+        int unread = 0;
+        if (c->requested || c->parked || c->peer_closed || c->hup.fd < 0 ||
+            ioctl(c->fd, FIONREAD, &unread) != 0 || unread > 0)
+            continue;
+        if (sse_loop_rewatch(srv->loop, &c->hup, EPOLLIN | EPOLLRDHUP) != 0)
+            continue;
+        MHD_suspend_connection(c->conn);
+        c->parked = 1;
+        parked = 1;
+    }
+    return parked;
+}
+
+/* Hands a parked connection back to MHD (its next run goes on with the handshake). */
+static void tls_unpark(sse_conn *c)
+{
+    if (!c->parked)
+        return;
+    c->parked = 0;
+    if (sse_loop_rewatch(c->srv->loop, &c->hup, EPOLLRDHUP) != 0) {
+        sse_loop_unwatch(c->srv->loop, &c->hup);
+        c->hup.fd = -1;
+    }
+    MHD_resume_connection(c->conn);
+    c->srv->resume_pending = 1;
+}
+
+static void tls_unpark_all(sse_server *srv)
+{
+    for (sse_conn *c = srv->waiting.head; c; c = c->next)
+        tls_unpark(c);
+}
+
+static void peer_name(struct MHD_Connection *conn, char *out, size_t outlen);
+
+/* A TLS connection closed before any request, and not by us: its handshake failed, or
+ * its client left. MHD's own line for a failed handshake names neither the client nor the
+ * cause, so mhd_log drops it and this one line says who and, where it can tell, why (a
+ * client may also end a finished handshake with a TLS close_notify, which MHD acts on
+ * before its FIN arrives, so "the client closed" is said only when the FIN came first).
+ * GnuTLS reads a record's 5-byte header first, so of a plain HTTP request ("GET /...")
+ * only that much was read and its request line is still in the socket (the descriptor is
+ * closed after this notification). */
+static void tls_log_unserved(sse_conn *c)
+{
+    char peer[INET6_ADDRSTRLEN + 8], head[1024];
+    peer_name(c->conn, peer, sizeof peer);
+    ssize_t n = c->fd >= 0 ? recv(c->fd, head, sizeof head - 1, MSG_PEEK | MSG_DONTWAIT) : -1;
+    head[n > 0 ? n : 0] = '\0';
+    if (strstr(head, " HTTP/1.") || strstr(head, " HTTP/2"))
+        slog(c->srv, SSE_LOG_DEBUG, "%s: plain HTTP on the TLS port: connection closed", peer);
+    else if (c->peer_closed)
+        slog(c->srv, SSE_LOG_DEBUG, "%s: the client closed its TLS connection before any "
+             "request", peer);
+    else   /* MHD cannot say which: its TLS session is gone by now */
+        slog(c->srv, SSE_LOG_DEBUG, "%s: TLS connection closed before any request: its "
+             "handshake failed (not TLS, or no protocol version or cipher in common with "
+             "the TLS priorities), or the client ended it", peer);
 }
 
 static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
@@ -524,6 +635,8 @@ static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_
         conn_deadline(c, &srv->waiting);
         *socket_context = c;
     } else if (c) {
+        if (srv->tls && !c->requested && !c->shut)
+            tls_log_unserved(c);
         srv->conn_closed = 1;
         if (c->hup.fd >= 0)       /* before MHD closes the fd: its number will be reused */
             sse_loop_unwatch(srv->loop, &c->hup);
@@ -595,6 +708,8 @@ static void drive_mhd(sse_server *srv)
         srv->conn_closed = 0;
         MHD_run(srv->mhd);
         more = mhd_wants_more(srv);
+        if (more && srv->tls && tls_park_waiting(srv))
+            more = mhd_wants_more(srv);
         /* A connection that closed may have brought MHD back under its connection limit
          * (or out of EMFILE); it puts its listening socket back into its epoll set only at
          * the start of a run, and its timeout does not say so: without another run now,
@@ -860,6 +975,8 @@ static enum MHD_Result start_request(sse_server *srv, struct MHD_Connection *con
     r->http11 = strcmp(version, MHD_HTTP_VERSION_1_1) == 0;
     peer_name(conn, r->peer, sizeof r->peer);
     *con_cls = r;
+    if (r->c)
+        r->c->requested = 1;
     /* A new request on a kept-alive connection: its body has request_timeout from now. */
     if (r->c && r->c->list == &srv->idle)
         conn_deadline(r->c, &srv->waiting);
@@ -1252,7 +1369,7 @@ static unsigned connection_limit(const sse_server *srv)
 }
 
 int sse_server_listen(sse_server *srv, const char *tls_cert, const char *tls_key,
-                      char *err, size_t errlen)
+                      const char *tls_priorities, char *err, size_t errlen)
 {
     if (srv->mhd) {
         snprintf(err, errlen, "already listening");
@@ -1271,6 +1388,8 @@ int sse_server_listen(sse_server *srv, const char *tls_cert, const char *tls_key
     struct MHD_OptionItem tls_opts[] = {
         { MHD_OPTION_HTTPS_MEM_CERT, 0, (void *)tls_cert },
         { MHD_OPTION_HTTPS_MEM_KEY, 0, (void *)tls_key },
+        { MHD_OPTION_HTTPS_PRIORITIES, 0,
+          (void *)(tls_priorities ? tls_priorities : SSE_TLS_PRIORITIES) },
         { MHD_OPTION_END, 0, NULL },
     };
     if (tls)
@@ -1279,6 +1398,7 @@ int sse_server_listen(sse_server *srv, const char *tls_cert, const char *tls_key
         tls_opts[0].option = MHD_OPTION_END;
     srv->tls_error[0] = '\0';
     srv->shutting_down = 0;
+    srv->tls = tls;
     if (srv->cfg.max_per_ip && !srv->ips &&
         !(srv->ips = calloc(SSE_IP_BUCKETS, sizeof *srv->ips))) {
         close(srv->listen_fd);
@@ -1286,20 +1406,23 @@ int sse_server_listen(sse_server *srv, const char *tls_cert, const char *tls_key
         snprintf(err, errlen, "out of memory");
         return -ENOMEM;
     }
+    /* The logger first: MHD says so (and prints to stderr) otherwise. */
     srv->mhd = MHD_start_daemon(flags, 0, on_accept, srv, on_access, srv,
+        MHD_OPTION_EXTERNAL_LOGGER, mhd_log, srv,
         MHD_OPTION_LISTEN_SOCKET, (MHD_socket)srv->listen_fd,
         MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv,
         MHD_OPTION_NOTIFY_CONNECTION, on_connection, srv,
         MHD_OPTION_UNESCAPE_CALLBACK, on_unescape, srv,
         MHD_OPTION_CONNECTION_MEMORY_LIMIT, srv->cfg.conn_memory,
         MHD_OPTION_CONNECTION_LIMIT, connection_limit(srv),
-        MHD_OPTION_EXTERNAL_LOGGER, mhd_log, srv,
         MHD_OPTION_ARRAY, tls_opts,
         MHD_OPTION_END);
     if (!srv->mhd) {
         close(srv->listen_fd);
         srv->listen_fd = -1;
-        if (tls)
+        if (tls && strstr(srv->tls_error, "priorities"))
+            snprintf(err, errlen, "TLS: the priority string was refused: %s", srv->tls_error);
+        else if (tls)
             snprintf(err, errlen, "TLS: the certificate or key was refused%s%s",
                      srv->tls_error[0] ? ": " : "", srv->tls_error);
         else
@@ -1398,6 +1521,7 @@ void sse_server_shutdown(sse_server *srv, unsigned drain_ms)
         sse_server_run(srv);
     }
     /* MHD aborts if stopped with a suspended connection. */
+    tls_unpark_all(srv);
     sse_streams_wake_all(&srv->streams);
     sse_streams_resume(&srv->streams, 0, resume_stream, srv);
     srv->batch_left = 0;

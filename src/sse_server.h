@@ -62,9 +62,10 @@ sse_server *sse_server_new(sse_loop *loop, const sse_server_config *cfg);  /* NU
 void        sse_server_free(sse_server *s);   /* shuts down first if still listening */
 
 /* Binds and starts the daemon: HTTPS when tls_cert and tls_key (PEM text, copied) are
- * given, else plain HTTP. 0, or -errno with a message in err. */
+ * given, else plain HTTP. tls_priorities: a GnuTLS priority string (NULL: TLS 1.2 and 1.3
+ * with GnuTLS's NORMAL ciphers). 0, or -errno with a message in err. */
 int  sse_server_listen(sse_server *s, const char *tls_cert, const char *tls_key,
-                       char *err, size_t errlen);
+                       const char *tls_priorities, char *err, size_t errlen);
 int  sse_server_port(const sse_server *s);
 /* A worker: the next listen is on this port, shared (SO_REUSEPORT) with the others. */
 void sse_server_share_port(sse_server *s, int port);

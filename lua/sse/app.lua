@@ -30,7 +30,12 @@ local OPTIONS = {
   request_timeout = "number|boolean", keepalive_timeout = "number|boolean",
   max_connections_per_ip = "number", broker = "string|table", workers = "number|string",
   max_channels = "number|boolean",
+  log_level = "string",
 }
+
+-- log_level: the most detailed level that is logged (debug is internal detail: what
+-- libmicrohttpd and GnuTLS say, connections closed for being late or malformed).
+local LOG_LEVELS = { error = 0, warn = 1, info = 2, debug = 3 }
 
 local function check_options(opts, allowed, where)
   for k, v in pairs(opts) do
@@ -83,7 +88,7 @@ end
 -- silences it; a log function that fails is reported on stderr, never raised).
 function App:_log(level, msg)
   local log = self._logger
-  if log then
+  if log and (LOG_LEVELS[level] or 0) <= self._log_level then
     local ok, err = pcall(log, level, msg)
     if not ok then
       io.stderr:write("sse: log function failed: ", tostring(err), "\n")
@@ -200,8 +205,12 @@ function M.new(opts)
   check_options(opts, OPTIONS, "sse.app")
   check_seconds(opts.heartbeat, "heartbeat", "sse.app")
   check_retry(opts.retry, "sse.app")
+  if opts.log_level ~= nil and not LOG_LEVELS[opts.log_level] then
+    error("sse.app: option 'log_level' must be \"error\", \"warn\", \"info\" or \"debug\", not "
+      .. ("%q"):format(opts.log_level), 2)
+  end
   if opts.tls ~= nil then
-    check_options(opts.tls, { cert = "string", key = "string" }, "sse.app: tls")
+    check_options(opts.tls, { cert = "string", key = "string", priorities = "string" }, "sse.app: tls")
     if not opts.tls.cert or not opts.tls.key then
       error("sse.app: option 'tls' needs both cert and key (paths to PEM files)", 2)
     end
@@ -231,6 +240,7 @@ function M.new(opts)
     _cors = compile_cors(opts.cors),
     _shutdown_timeout = opts.shutdown_timeout or 5,
     _tls = opts.tls,
+    _log_level = LOG_LEVELS[opts.log_level or "info"],
     _gzip = opts.gzip or false,
     _stopping = false,
     _in_step = false,
@@ -240,12 +250,6 @@ function M.new(opts)
     log = default_log
   end
   self._logger = log or nil
-  -- libmicrohttpd's own messages come as "debug": internal detail, not for the log.
-  local function log_hook(level, msg)
-    if level ~= "debug" then
-      self:_log(level, msg)
-    end
-  end
   if opts.max_connections_per_ip ~= nil and (math.type(opts.max_connections_per_ip) ~= "integer"
       or opts.max_connections_per_ip < 1) then
     error("sse.app: option 'max_connections_per_ip' must be a positive integer", 2)
@@ -274,7 +278,8 @@ function M.new(opts)
     admit = function(req)
       return self:_admit(req)
     end,
-    log = log_hook,
+    -- libmicrohttpd's own messages come as "debug": logged only with log_level = "debug".
+    log = function(level, msg) self:_log(level, msg) end,
   })
   return self
 end
@@ -802,7 +807,7 @@ function App:listen()
     if not key then return nil, err, code end
   end
   local ok
-  ok, err, code = self._core:listen(cert, key)
+  ok, err, code = self._core:listen(cert, key, self._tls and self._tls.priorities)
   if not ok then
     return nil, err, code
   end

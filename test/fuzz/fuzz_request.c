@@ -117,7 +117,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     };
     srv = sse_server_new(loop, &cfg);
     char err[256];
-    if (!srv || sse_server_listen(srv, NULL, NULL, err, sizeof err) != 0) {
+    if (!srv || sse_server_listen(srv, NULL, NULL, NULL, err, sizeof err) != 0) {
         fprintf(stderr, "fuzz_request: cannot start the server: %s\n", srv ? err : "ENOMEM");
         abort();
     }
