@@ -119,7 +119,7 @@ describe("channel lifetime", function()
     cb:close()
     client.wait(app, function() return app:stats().subscribers == 0 end, 3, "both clients gone")
     -- Every channel in use (held by the script): a new one is refused.
-    local held = {}
+    local held = {}  -- luacheck: ignore (held only to keep the channels in use)
     for i = 1, 4 do held[i] = app:channel("held" .. i) end
     local res = client.request(app, "POST", "/logs/f", { body = "f1" })
     assert.are.equal(503, res.status)
@@ -129,7 +129,7 @@ describe("channel lifetime", function()
     assert.truthy(tostring(err):find("max_channels 4", 1, true), tostring(err))
     assert.are.equal(2, app:stats().channels_refused)
     assert.truthy(client.find_log(logs, "every channel is in use", "refused"))
-    held = nil
+    held = nil  -- luacheck: ignore (let them go)
     collectgarbage()
     assert.are.equal(200, client.request(app, "POST", "/logs/f", { body = "f1" }).status)
   end)
@@ -194,7 +194,7 @@ describe("channel lifetime", function()
     lobby:publish("hello")
     a:wait_events(1)
     assert.are.same({ "hello" }, a:data())
-    lobby = nil
+    lobby = nil  -- luacheck: ignore (let it go)
     a:close()
     client.wait(app, function() collectgarbage() return app:stats().channels == 1 end, 3, "the lobby freed")
     assert.is_nil(app:channel("lobby").opened_by)   -- a new channel

@@ -92,7 +92,7 @@ local function start_refresh(app, st)
   st.refresh = app:every(app._presence_ttl / 3, function() refresh(app, st) end)
 end
 
-local function announce(app, st, ch, kind, key, info)
+local function announce(app, ch, kind, key, info)
   if not ch._presence_events then return end
   local ev = { event = kind, data = { key = key, info = info } }
   if app._broker then
@@ -120,7 +120,7 @@ local function leave(app, st, stream, ch)
       local _, hash = redis_keys(app, st, ch.name)
       app:spawn(function() app._core:redis("HDEL", hash, key) end)
     end
-    announce(app, st, ch, "leave", key, entry.info)
+    announce(app, ch, "leave", key, entry.info)
   end
   return true
 end
@@ -158,7 +158,7 @@ local function join(app, stream, ch, key, info)
       app:_log("warn", "presence: join '" .. key .. "' in '" .. ch.name .. "': " .. tostring(err))
     end
   end
-  if new then announce(app, st, ch, "join", key, info) end
+  if new then announce(app, ch, "join", key, info) end
   return true
 end
 
