@@ -250,8 +250,9 @@ int  lsse_server_timer(lua_State *L);   /* server:timer(after, every, fn) */
 void lsse_open_channel(lua_State *L);
 int  lsse_server_channel(lua_State *L);
 void lsse_free_channels(lsse_server *b);
-/* Sets channels, subscribers, publishes and channel_list ({ name, subscribers,
- * publishes, history } each) in the table at t (app:stats). */
+/* Sets channels, subscribers, publishes, channels_evicted, channels_refused and
+ * channel_list ({ name, subscribers, publishes, history } each) in the table at t
+ * (app:stats), after freeing the channels nothing uses any more. */
 void lsse_channel_stats(lua_State *L, lsse_server *b, int t);
 /* The channel at idx (raises if it is not one, or its app is closed). */
 sse_channel *lsse_check_channel(lua_State *L, int idx);

@@ -1,8 +1,10 @@
 /* The binding of sse_channel: the channel class (server:channel, publish), subscribing
  * a subscriber to a channel (for stream:subscribe, in lsse_stream.c), and channel streams
- * (app:stream(path, channel)). Channels belong to the server object (freed after its
- * last stream); a channel userdata keeps the server userdata alive through its user
- * value. Nothing here knows a generator stream: only subscribers (sse_subscriber).
+ * (app:stream(path, channel)). Channels belong to the server object: each has a record
+ * here, freed once nothing uses it (below, "the channels of an app and their lifetime"),
+ * or with the server; a channel userdata is a handle on a record and keeps the server
+ * userdata alive through its user value. Nothing here knows a generator stream: only
+ * subscribers (sse_subscriber).
  *
  * With a broker (the app option, sse_broker.c) every channel lives in Redis: a publish
  * waits for Redis (an app coroutine yields until its reply), and a resume waits until

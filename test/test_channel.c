@@ -1,7 +1,8 @@
 /* C tests of the channel core, with no server: each subscriber's sink records what it is
  * given, and reads it back as a client would (SSE through sse_parser; NDJSON as bytes).
  * Covers fan-out, ids, history, replay without a seam, the merge of several channels,
- * the gap decision, failing sinks, unsubscribe and clear, and the NDJSON form. */
+ * the gap decision, failing sinks, unsubscribe and clear, the NDJSON form, and what an
+ * owner freeing unused channels is told (the idle hook, kept, last). */
 #include "sse_channel.h"
 #include "sse_parser.h"
 #include "check.h"
@@ -719,6 +720,58 @@ static void test_ndjson(void)
     sse_channel_free(ch);
 }
 
+static unsigned idle_calls;
+static void on_idle(void *ud, sse_channel *ch)
+{
+    CHECK(ud == ch, "the hook gets its own channel");
+    idle_calls++;
+}
+
+static void test_idle(void)
+{
+    sse_ids ids = { EPOCH, 0 };
+    sse_channel *a = sse_channel_new("a", 3, &ids);
+    sse_channel *z = sse_channel_new("z", 0, &ids);
+    sse_channel_on_idle(a, on_idle, a);
+    CHECK(sse_channel_kept(a) == 0 && sse_channel_last(a) == 0, "nothing yet");
+    rec r[2];
+    for (int i = 0; i < 2; i++) {
+        rec_init(&r[i], SSE_FORMAT_SSE);
+        live(&r[i], a);
+    }
+    CHECK(sse_unsubscribe(&r[0].sb, a) == 0 && idle_calls == 0, "one subscriber left: %u", idle_calls);
+    sse_subscriber_clear(&r[1].sb);
+    CHECK(idle_calls == 1, "the last one leaving calls the hook once: %u", idle_calls);
+    live(&r[0], a);
+    sse_unsubscribe(&r[0].sb, a);
+    CHECK(idle_calls == 2, "and again after a new subscriber: %u", idle_calls);
+    /* What an owner reads before freeing: kept events, and the newest seq given. */
+    for (int i = 0; i < 5; i++)
+        pub(a, "x");
+    pub(z, "y");
+    CHECK(sse_channel_kept(a) == 3 && sse_channel_last(a) == 5, "a keeps 3, last 5: %u, %llu",
+          sse_channel_kept(a), (unsigned long long)sse_channel_last(a));
+    CHECK(sse_channel_kept(z) == 0 && sse_channel_last(z) == 6, "z keeps none, last 6: %u, %llu",
+          sse_channel_kept(z), (unsigned long long)sse_channel_last(z));
+    /* A channel made again with what its old self had marked as gone resumes with a gap. */
+    sse_channel *z2 = sse_channel_new("z", 0, &ids);
+    sse_channel_set_dropped(z2, sse_channel_last(z));
+    int missed;
+    rec q;
+    rec_init(&q, SSE_FORMAT_SSE);
+    resume(&q, z2, our_id(5), &missed);
+    CHECK(missed, "a resume from before the old channel's last event is told");
+    sse_subscriber_clear(&q.sb);
+    resume(&q, z2, our_id(6), &missed);
+    CHECK(!missed, "one from its last event is not");
+    for (int i = 0; i < 2; i++)
+        rec_free(&r[i]);
+    rec_free(&q);
+    sse_channel_free(a);
+    sse_channel_free(z);
+    sse_channel_free(z2);
+}
+
 int main(void)
 {
     test_fanout();
@@ -731,6 +784,7 @@ int main(void)
     test_unsubscribe();
     test_clear();
     test_ndjson();
+    test_idle();
     printf("test_channel: %d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }

@@ -86,15 +86,12 @@ end
 
 -- ---- rooms and presence ----
 
-local channels = {}  -- room -> channel
-
+-- A room is its channel: app:channel gives the same one while it exists, and frees a room
+-- nobody is in and nothing holds (so names posted to once do not pile up). Without REDIS a
+-- room whose history holds messages stays until max_channels needs its place; with REDIS
+-- the history is in Redis, and the room is read from there when it is used again.
 local function room(name)
-  local ch = channels[name]
-  if not ch then
-    ch = app:channel(name, { history = HISTORY })
-    channels[name] = ch
-  end
-  return ch
+  return app:channel(name, { history = HISTORY })
 end
 
 local streams = {}    -- stream -> true, for the moderation endpoint
