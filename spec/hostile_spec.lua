@@ -32,15 +32,6 @@ local CLK_TCK = 100             -- USER_HZ, the unit of utime/stime in /proc/PID
 ------------------------------------------------------------------------------------------
 -- Small helpers
 
-
-local function read_all(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local s = f:read("a")
-  f:close()
-  return s
-end
-
 local function show(s, max)
   s = tostring(s)
   max = max or 600
@@ -48,33 +39,9 @@ local function show(s, max)
   return (s:gsub("\r", "\\r"):gsub("\n", "\\n"):gsub("%z", "\\0"))
 end
 
--- Polls cond() every few milliseconds until it returns a true value or `timeout` seconds
--- pass; returns that value, or nil at the deadline.
-local function wait_until(cond, timeout, step)
-  local deadline = gettime() + timeout
-  repeat
-    local v = cond()
-    if v then return v end
-    socket.sleep(step or 0.01)
-  until gettime() > deadline
-  return cond()
-end
-
-local function alive(pid)
-  local stat = read_all("/proc/" .. pid .. "/stat")
-  return stat ~= nil and stat:match("%) (%a)") ~= "Z"
-end
-
-local function cpu_ticks(pid)
-  local stat = read_all("/proc/" .. pid .. "/stat")
-  assert(stat, "process " .. pid .. " is gone")
-  local fields = {}
-  for f in stat:match("%) (.*)$"):gmatch("%S+") do fields[#fields + 1] = f end
-  -- after "pid (comm)": field 3 is fields[1]; utime is field 14, stime field 15
-  return tonumber(fields[12]) + tonumber(fields[13])
-end
-
 local fd_count, rss_kb = client.fd_count, client.rss_kb
+local read_all, wait_until, alive, cpu_ticks =
+  client.read_file, client.wait_until, client.alive, client.cpu_ticks
 
 local tmp_dirs = {}
 local function tmpdir()

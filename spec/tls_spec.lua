@@ -21,45 +21,12 @@ local CLK_TCK = 100          -- USER_HZ, the unit of utime/stime in /proc/PID/st
 ------------------------------------------------------------------------------------------
 -- Small helpers
 
-local function read_all(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local s = f:read("a")
-  f:close()
-  return s
-end
-
-local function sh(cmd)
-  local p = io.popen(cmd .. " 2>&1")
-  local out = p:read("a")
-  local ok, _, code = p:close()
-  return out, ok and 0 or code
-end
+local fd_count, sh = client.fd_count, client.sh
+local read_all, wait_until, alive, cpu_ticks =
+  client.read_file, client.wait_until, client.alive, client.cpu_ticks
 
 local function have(tool)
   return os.execute("command -v " .. tool .. " >/dev/null 2>&1") == true
-end
-
-local function wait_until(cond, timeout, step)
-  local deadline = gettime() + timeout
-  repeat
-    local v = cond()
-    if v then return v end
-    socket.sleep(step or 0.01)
-  until gettime() > deadline
-  return cond()
-end
-
-local function alive(pid)
-  local stat = read_all("/proc/" .. pid .. "/stat")
-  return stat ~= nil and stat:match("%) (%a)") ~= "Z"
-end
-
-local function cpu_ticks(pid)
-  local stat = assert(read_all("/proc/" .. pid .. "/stat"), "process " .. pid .. " is gone")
-  local fields = {}
-  for f in stat:match("%) (.*)$"):gmatch("%S+") do fields[#fields + 1] = f end
-  return tonumber(fields[12]) + tonumber(fields[13])   -- utime + stime
 end
 
 -- The server's share of one core while `during` runs (it must take at least `min` s).
@@ -68,8 +35,6 @@ local function cpu_share(pid, during)
   during()
   return (cpu_ticks(pid) - c0) / CLK_TCK / (gettime() - t0)
 end
-
-local fd_count = client.fd_count
 
 ------------------------------------------------------------------------------------------
 -- The server and the healthy client

@@ -561,6 +561,43 @@ function M.rss_kb(pid)
   return tonumber(kb)
 end
 
+-- A whole file's bytes, or nil when it cannot be opened.
+function M.read_file(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+-- Is the process running (not gone, not a zombie waiting for its parent)?
+function M.alive(pid)
+  local stat = M.read_file("/proc/" .. pid .. "/stat")
+  return stat ~= nil and stat:match("%) (%a)") ~= "Z"
+end
+
+-- A process's CPU time so far (user + system) in clock ticks (USER_HZ, 100 per second).
+function M.cpu_ticks(pid)
+  local stat = assert(M.read_file("/proc/" .. pid .. "/stat"), "process " .. pid .. " is gone")
+  local fields = {}
+  for f in stat:match("%) (.*)$"):gmatch("%S+") do fields[#fields + 1] = f end
+  -- after "pid (comm)": field 3 is fields[1]; utime is field 14, stime field 15
+  return tonumber(fields[12]) + tonumber(fields[13])
+end
+
+-- Polls cond() every `step` seconds (10 ms) until it returns a true value or `timeout`
+-- seconds pass; returns that value, or cond()'s last answer at the deadline. For waits on
+-- other processes; a wait on an app of this process steps it instead (M.wait).
+function M.wait_until(cond, timeout, step)
+  local deadline = gettime() + timeout
+  repeat
+    local v = cond()
+    if v then return v end
+    socket.sleep(step or 0.01)
+  until gettime() > deadline
+  return cond()
+end
+
 M.gettime = gettime
 M.shell_quote = shell_quote
 
