@@ -331,8 +331,17 @@ static void conn_deadline(sse_conn *c, sse_conn_list *l)
 
 static void tls_unpark(sse_conn *c);
 
-/* Past its deadline: shut the socket down. MHD sees the hang-up on its next run and
- * closes the connection (it cannot be told to from outside a callback). */
+/* Ends c from outside MHD's callbacks (it cannot be told to close it there): the socket is
+ * shut down, and MHD sees the hang-up on its next run and closes the connection; a parked
+ * handshake is resumed so that MHD looks at it again. */
+static void conn_shut(sse_conn *c)
+{
+    c->shut = 1;
+    shutdown(c->fd, SHUT_RDWR);
+    tls_unpark(c);
+}
+
+/* Past its deadline: shut the connection down (conn_shut). */
 static void on_deadlines(sse_timer *t)
 {
     sse_server *srv = container_of(t, sse_server, deadlines);
@@ -345,9 +354,7 @@ static void on_deadlines(sse_timer *t)
             slog(srv, SSE_LOG_DEBUG, "closing a connection %s (fd %d)",
                  lists[i] == &srv->idle ? "idle after its last request" : "whose request did not arrive in time",
                  c->fd);
-            c->shut = 1;
-            shutdown(c->fd, SHUT_RDWR);
-            tls_unpark(c);        /* a parked handshake: MHD sees the shutdown once resumed */
+            conn_shut(c);
         }
     }
     arm_deadlines(srv);
@@ -524,9 +531,7 @@ static void close_half_closed(sse_server *srv)
                 }
             }
             conn_unlist(c);
-            c->shut = 1;
-            shutdown(c->fd, SHUT_RDWR);
-            tls_unpark(c);
+            conn_shut(c);
         }
     }
 }
