@@ -104,7 +104,8 @@ local function start_server(dir, opts)
   local sdir = client.tmpdir()
   local args = { "cert=" .. dir .. "/cert.pem", "key=" .. dir .. "/key.pem" }
   for k, v in pairs(opts or {}) do args[#args + 1] = ("'%s=%s'"):format(k, tostring(v)) end
-  local env = ("env LUA_PATH='%s/lua/?.lua;%s/lua/?/init.lua;;' LUA_CPATH='%s/build/lib/?.so;;'")
+  -- The _5_4 names: lua5.4 prefers them, and busted's own (this tree's) would be inherited.
+  local env = ("env LUA_PATH_5_4='%s/lua/?.lua;%s/lua/?/init.lua;;' LUA_CPATH_5_4='%s/build/lib/?.so;;'")
     :format(TREE, TREE, TREE)
   local self = setmetatable({ dir = sdir, log_path = sdir .. "/stderr" }, Server)
   self.pid = spawn(("%s lua5.4 %s %s/port %s"):format(env, FIXTURE, sdir, table.concat(args, " ")),
