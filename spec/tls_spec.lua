@@ -385,6 +385,23 @@ describe("TLS", function()
     kill(w.pid)
   end)
 
+  it("stops cleanly (SIGTERM) with handshakes parked", function()
+    local srv = start_server(dir, { request_timeout = 30, log_level = "debug" })
+    finally(function() close_all() srv:stop() end)
+    local list = {}
+    for i = 1, 5 do
+      list[i] = connect(srv.port)
+      list[i].s:send(HALF_HELLO)
+    end
+    socket.sleep(0.3)
+    os.execute("kill -TERM " .. srv.pid)
+    assert.is_truthy(wait_until(function() return not alive(srv.pid) end, 5), "still running")
+    assert.is_truthy(wait_closed(list, 2), "connections left open")
+    -- libmicrohttpd aborts ("Fatal error in GNU libmicrohttpd") if stopped with a
+    -- connection suspended; and the server closing them is not worth a line.
+    assert.are.equal("", srv:log())
+  end)
+
   it("logs no debug line by default (log_level = \"info\")", function()
     local srv = start_server(dir, {})
     finally(function() close_all() srv:stop() end)
