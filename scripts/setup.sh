@@ -11,7 +11,7 @@ packages=(build-essential cmake pkg-config git lua5.4 liblua5.4-dev luarocks
           ca-certificates)
 if [[ "${SSE_SETUP_TEST:-0}" == 1 ]]; then
   packages+=(lua-busted lua-socket valgrind openssl clang-14 libclang-rt-14-dev redis-server
-            lua-luv lua-cqueues lua-check prometheus nginx-light)
+            lua-luv lua-cqueues lua-check prometheus nginx-light gnutls-bin)
 fi
 
 missing=()

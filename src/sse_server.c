@@ -640,7 +640,7 @@ static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_
         conn_deadline(c, &srv->waiting);
         *socket_context = c;
     } else if (c) {
-        if (srv->tls && !c->requested && !c->shut)
+        if (srv->tls && !c->requested && !c->shut && !srv->shutting_down)
             tls_log_unserved(c);
         srv->conn_closed = 1;
         if (c->hup.fd >= 0)       /* before MHD closes the fd: its number will be reused */
