@@ -877,6 +877,84 @@ describe("hostile clients", function()
   -- 4 ms (src/lsse_timer.c), as browsers do. The loop's last-resort guard (1 ms turns
   -- after a second of MHD asking to run at once) logs a warning when it acts: it must not
   -- be what keeps the CPU low here.
+  -- Issue 18 part 2: folded header lines (RFC 9112 5.2) are answered 400 and closed
+  -- before libmicrohttpd reads them (its join of such lines is an overlapping memcpy);
+  -- the server keeps serving, and a body that merely looks like a fold is a body.
+  describe("obsolete line folding", function()
+    local h
+    before_each(function() h = harness({ log_level = "debug" }) end)
+
+    local FOLD_400 = "^HTTP/1%.1 400 .-obsolete line folding"
+
+    local function assert_fold_refused(c, what)
+      assert.is_truthy(c:wait_closed(5), what .. ": not closed: " .. c:describe())
+      assert.is_truthy(c.raw:find(FOLD_400), what .. ": " .. c:describe())
+    end
+
+    it("a folded line (space or tab, also before the first header) is answered 400 and closed", function()
+      for _, head in ipairs({
+        "GET /hello HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n",
+        "GET /hello HTTP/1.1\r\nHost: x\r\nX-A: a\r\n\tb\r\n\r\n",
+        "GET /hello HTTP/1.1\r\n Host: x\r\n\r\n",
+        "GET /hello HTTP/1.1\nHost: x\nX-A: a\n b\n\n",
+      }) do
+        local c = connect(h.srv)
+        c:send(head)
+        assert_fold_refused(c, show(head))
+      end
+      assert.are.equal(4, #h.srv:grep("debug", "obsolete line folding"), h.srv:show_log())
+      h:check_serving()
+      h:check_healthy()
+    end)
+
+    it("a fold split across writes, on a second kept-alive request, or pipelined after a body", function()
+      local c = connect(h.srv)
+      c:send("GET /hello HTTP/1.1\r\nHost: x\r\nX-A: a\r\n")
+      assert.is_falsy(c:wait_closed(0.3), "closed before the fold came")
+      c:send("\t b\r\n\r\n")
+      assert_fold_refused(c, "split")
+
+      c = connect(h.srv)
+      c:send(request("/hello"))
+      assert.is_truthy(c:wait(function(x) return x.raw:find("hello\n", 1, true) end, 5), c:describe())
+      c:send("GET /hello HTTP/1.1\r\nHost: x\r\nX: 1\r\n 2\r\n\r\n")
+      assert.is_truthy(c:wait_closed(5), c:describe())
+      assert.is_truthy(c.raw:find("\r\n\r\nhello\nHTTP/1%.1 400 .-obsolete line folding"), c:describe())
+
+      c = connect(h.srv)
+      c:send("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+        .. "GET /hello HTTP/1.1\r\nHost: x\r\nX: 1\r\n\t2\r\n\r\n")
+      assert.is_truthy(c:wait_closed(5), c:describe())
+      assert.is_truthy(c.raw:find("HTTP/1%.1 400 .-obsolete line folding"), c:describe())
+      h:check_healthy()
+    end)
+
+    it("a body that looks like a fold, split from its head, is a body: the connection stays kept alive", function()
+      local c = connect(h.srv)
+      c:send("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n\r\n")
+      assert.is_falsy(c:wait_closed(0.2), c:describe())
+      c:send("a\r\n b\r\n")
+      assert.is_truthy(c:wait(function(x) return x:response() end, 5), c:describe())
+      assert.are.equal(200, c:status(), c:describe())
+      assert.is_truthy(c.raw:find("\r\n\r\n7\n$"), c:describe())
+      c:send(request("/hello"))
+      assert.is_truthy(c:wait(function(x) return select(2, x.raw:gsub("HTTP/1%.1 200", "")) == 2 end, 5),
+        c:describe())
+      assert.is_falsy(c.closed, c:describe())
+      assert.are.same({}, h.srv:grep("debug", "folding"))
+    end)
+
+    it("TLS on the plain port: closed, one debug line", function()
+      local c = connect(h.srv)
+      c:send("\22\3\1\0\5\1\0\0\1\3")
+      assert.is_truthy(c:wait_closed(5), c:describe())
+      assert.are.equal("", c.raw)
+      assert.is_truthy(wait_until(function() return #h.srv:grep("debug", "TLS on the plain HTTP port") == 1 end, 5),
+        h.srv:show_log())
+      h:check_serving()
+    end)
+  end)
+
   it("every attack in turn on one server: then idle CPU under 5 % of a core over 2 s, descriptors back, no spin guard", function()
     local h = harness({ request_timeout = 1, keepalive_timeout = 1, max_connections_per_ip = 400 },
       "prlimit --nofile=600:600")

@@ -31,9 +31,11 @@
  */
 #include "sse_server.h"
 #include "sse_buf.h"
+#include "sse_head.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <linux/tcp.h>    /* struct tcp_info with tcpi_bytes_received */
 #include <microhttpd.h>
 #include <netinet/in.h>
 #include <stdarg.h>
@@ -150,6 +152,10 @@ struct sse_conn {
     int                    shut;       /* we shut it down (late, or half-closed) */
     int                    parked;     /* TLS: suspended by us until its client sends more
                                           (tls_park_waiting); hup watches EPOLLIN too */
+    int                    in_request; /* MHD is answering a request on it (access handler
+                                          called, completion not yet) */
+    sse_head_scan          head;       /* plain ports: what the client sent, vetted before
+                                          MHD reads it (head_guard) */
 };
 
 struct sse_server {
@@ -186,6 +192,8 @@ struct sse_server {
     int                conn_closed;    /* a connection closed during this MHD_run */
     int                peer_closed;    /* a client without a stream sent its FIN */
     int                tls;            /* listening with TLS */
+    char              *peek;           /* plain ports: head_guard's window on a socket */
+    size_t             peek_cap;
 };
 
 struct sse_request {
@@ -481,15 +489,19 @@ static void answered_later(sse_request *r)
  * for drained and waits for an edge that never comes, so the connection would sit in
  * CLOSE-WAIT until its deadline. A stream ends at once; any other connection is looked
  * at after the next MHD_run (close_half_closed), when MHD has read what was sent. */
-static void on_conn_hangup(sse_watch *w, uint32_t events)
+static void head_guard(sse_conn *c);
+
+/* Its client sent bytes (plain ports, and parked TLS handshakes), or hung up. */
+static void on_conn_event(sse_watch *w, uint32_t events)
 {
     sse_conn *c = container_of(w, sse_conn, hup);
     /* A parked connection's client sent bytes, or hung up: MHD goes on with it. */
-    if (c->parked) {
+    if (c->parked)
         tls_unpark(c);
-        if (!(events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) || c->hup.fd < 0)
-            return;
-    }
+    else if (events & EPOLLIN)
+        head_guard(c);
+    if (!(events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) || c->hup.fd < 0)
+        return;
     /* Level-triggered: stop watching at once or this fires every turn. */
     sse_loop_unwatch(c->srv->loop, &c->hup);
     c->hup.fd = -1;
@@ -594,6 +606,141 @@ static void tls_unpark_all(sse_server *srv)
 
 static void peer_name(struct MHD_Connection *conn, char *out, size_t outlen);
 
+/* ---- plain ports: heads vetted before libmicrohttpd reads them ----
+ *
+ * Some heads must never reach libmicrohttpd 0.9.75: it joins a folded header line (one
+ * that starts with a space or tab, RFC 9112 5.2) to the line before with an overlapping
+ * memcpy (docs/libmicrohttpd.md, "Folded header lines"), and nothing can stop it once the
+ * bytes are in its buffer. So on a plain port every byte a client sends is looked at
+ * (MSG_PEEK) before MHD reads it: our watch on the socket (edge-triggered EPOLLIN) fires
+ * in the same poll as MHD's, and the loop runs our callbacks before MHD_run. A scan of
+ * the request stream (sse_head.c) follows where each head's lines start; bodies are
+ * skipped without being looked at. A folded head is answered 400 and the connection
+ * closed; TLS on the plain port is closed with one debug line.
+ *
+ * Where MHD stands in the byte stream is the kernel's count: bytes received
+ * (tcpi_bytes_received) minus bytes still queued on the socket. The window looked at is
+ * what sits in the socket ahead of MHD: a client more than peek_cap bytes of pipelined
+ * requests ahead of the server is closed, as no real client is. Bytes that arrive while
+ * MHD_run itself is running can be read by MHD before our watch fires (the kernel tells
+ * both at once, and MHD may look first); the guard then sees that MHD is past the bytes it
+ * vetted and stops vetting that connection (a debug line says so). Over TLS the bytes are
+ * encrypted until MHD has them, so TLS ports are not vetted. */
+
+/* The kernel's view of fd: bytes received so far; with buf, also how many are still
+ * queued on the socket, the first of them (at most cap) peeked into buf. Read until two
+ * TCP_INFOs agree, so that the queue belongs to the count. 0 on success. */
+static int socket_position(int fd, uint64_t *received, char *buf, size_t cap,
+                           size_t *peeked, size_t *queued)
+{
+    for (int tries = 0; tries < 4; tries++) {
+        struct tcp_info a, b;
+        socklen_t la = sizeof a, lb = sizeof b;
+        if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &a, &la) != 0)
+            return -1;
+        *received = a.tcpi_bytes_received;
+        if (!buf)
+            return 0;
+        ssize_t n = recv(fd, buf, cap, MSG_PEEK | MSG_DONTWAIT);
+        if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)
+            return -1;
+        int inq = n > 0 ? (int)n : 0;
+        if ((size_t)inq == cap && ioctl(fd, FIONREAD, &inq) != 0)
+            return -1;
+        if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &b, &lb) != 0)
+            return -1;
+        if (a.tcpi_bytes_received == b.tcpi_bytes_received) {
+            *peeked = n > 0 ? (size_t)n : 0;
+            *queued = (size_t)inq;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+static const char fold_answer[] =
+    "HTTP/1.1 400 Bad Request\r\n"
+    "Connection: close\r\n"
+    "Content-Type: text/plain; charset=utf-8\r\n"
+    "Content-Length: 62\r\n"
+    "\r\n"
+    "obsolete line folding: a header line starts with space or tab\n";
+
+/* Ends c for what head_guard found: the client's bytes are read here (so MHD gets none of
+ * them), a folded head is answered 400 if MHD is not answering a request on c at the
+ * moment (a pipelined head behind an answer just closes), and the socket is shut down
+ * (also for HEAD_TOO_FAR_AHEAD: more pipelined than the window holds):
+ * MHD sees the hang-up and closes the connection. */
+#define HEAD_TOO_FAR_AHEAD (-1)
+
+static void head_refuse(sse_conn *c, int v)
+{
+    sse_server *srv = c->srv;
+    char peer[INET6_ADDRSTRLEN + 8];
+    peer_name(c->conn, peer, sizeof peer);
+    for (int i = 0; i < 64 && recv(c->fd, srv->peek, srv->peek_cap, MSG_DONTWAIT) > 0; i++)
+        ;
+    if (v == SSE_HEAD_FOLDED) {
+        if (!c->in_request)
+            (void)!send(c->fd, fold_answer, sizeof fold_answer - 1, MSG_DONTWAIT | MSG_NOSIGNAL);
+        slog(srv, SSE_LOG_DEBUG, "%s: 400 obsolete line folding (a header line starts with "
+             "a space or tab): connection closed", peer);
+    } else if (v == SSE_HEAD_TLS) {
+        slog(srv, SSE_LOG_DEBUG, "%s: TLS on the plain HTTP port: connection closed", peer);
+    } else {
+        slog(srv, SSE_LOG_DEBUG, "%s: more than %zu bytes of pipelined requests ahead of "
+             "the server: connection closed", peer, srv->peek_cap);
+    }
+    conn_unlist(c);
+    conn_shut(c);
+}
+
+/* Looks at the bytes c's client sent that nobody has looked at yet (see above). */
+static void head_guard(sse_conn *c)
+{
+    sse_server *srv = c->srv;
+    sse_head_scan *h = &c->head;
+    if (srv->tls || c->shut || h->verdict != SSE_HEAD_FINE || c->fd < 0)
+        return;
+    uint64_t received;
+    size_t peeked = 0, queued = 0;
+    if (socket_position(c->fd, &received, NULL, 0, NULL, NULL) != 0 || received <= h->offset)
+        return;
+    /* A body is skipped unseen: only what follows it needs a look. */
+    uint64_t body = sse_head_body_left(h);
+    if (body) {
+        sse_head_skip(h, received - h->offset < body ? received - h->offset : body);
+        if (received == h->offset)
+            return;
+    }
+    if (socket_position(c->fd, &received, srv->peek, srv->peek_cap, &peeked, &queued) != 0)
+        return;
+    uint64_t consumed = received - queued;
+    if (consumed > h->offset) {   /* MHD read bytes before this look (see above) */
+        char peer[INET6_ADDRSTRLEN + 8];
+        peer_name(c->conn, peer, sizeof peer);
+        slog(srv, SSE_LOG_DEBUG, "%s: libmicrohttpd read %llu bytes before they were "
+             "looked at: the connection's later heads are not checked for folding", peer,
+             (unsigned long long)(consumed - h->offset));
+        h->verdict = SSE_HEAD_LOST;
+        return;
+    }
+    size_t seen = (size_t)(h->offset - consumed);   /* vetted, at the front of the queue */
+    sse_head_verdict v = seen < peeked ? sse_head_feed(h, srv->peek + seen, peeked - seen)
+                                       : SSE_HEAD_FINE;
+    if (v == SSE_HEAD_FOLDED || v == SSE_HEAD_TLS) {
+        head_refuse(c, v);
+        return;
+    }
+    /* More queued than the window shows: fine inside a body, which needs no look. */
+    uint64_t beyond = received - h->offset, skip = sse_head_body_left(h);
+    if (v == SSE_HEAD_FINE && beyond) {
+        sse_head_skip(h, skip < beyond ? skip : beyond);
+        if (h->offset < received)
+            head_refuse(c, HEAD_TOO_FAR_AHEAD);
+    }
+}
+
 /* A TLS connection closed before any request, and not by us: its handshake failed, or
  * its client left. MHD's own line for a failed handshake names neither the client nor the
  * cause, so mhd_log drops it and this one line says who and, where it can tell, why (a
@@ -633,12 +780,16 @@ static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_
             MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
         c->fd = ci ? ci->connect_fd : -1;
         c->hup.fd = c->fd;
-        c->hup.cb = on_conn_hangup;
-        if (c->fd < 0 || sse_loop_watch(srv->loop, &c->hup, EPOLLRDHUP) != 0)
+        c->hup.cb = on_conn_event;
+        sse_head_init(&c->head);
+        /* Plain ports: bytes too (head_guard), once per arrival. */
+        uint32_t events = srv->tls ? EPOLLRDHUP : EPOLLIN | EPOLLRDHUP | EPOLLET;
+        if (c->fd < 0 || sse_loop_watch(srv->loop, &c->hup, events) != 0)
             c->hup.fd = -1;
         count_ip(c);
         conn_deadline(c, &srv->waiting);
         *socket_context = c;
+        head_guard(c);    /* its first bytes may be here already: MHD reads in its next run */
     } else if (c) {
         if (srv->tls && !c->requested && !c->shut && !srv->shutting_down)
             tls_log_unserved(c);
@@ -981,7 +1132,7 @@ static enum MHD_Result start_request(sse_server *srv, struct MHD_Connection *con
     peer_name(conn, r->peer, sizeof r->peer);
     *con_cls = r;
     if (r->c)
-        r->c->requested = 1;
+        r->c->requested = r->c->in_request = 1;
     /* A new request on a kept-alive connection: its body has request_timeout from now. */
     if (r->c && r->c->list == &srv->idle)
         conn_deadline(r->c, &srv->waiting);
@@ -1070,7 +1221,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     if (r->responding)
         srv->responding--;
     if (r->c)
-        r->c->stream = NULL;
+        r->c->stream = NULL, r->c->in_request = 0;
     if (r->stream)
         sse_stream_completed(r->stream);
     /* May be kept alive, after a stream that ended cleanly too: idle until the next. */
@@ -1227,7 +1378,7 @@ sse_stream *sse_request_stream(sse_request *r, const sse_stream_opts *o)
     }
     request_answered(r, 1);       /* a stream is bounded by its heartbeat, not a deadline */
     r->stream = st;
-    /* Hang-ups come through the connection's EPOLLRDHUP watch (on_conn_hangup):
+    /* Hang-ups come through the connection's EPOLLRDHUP watch (on_conn_event):
      * MHD does not read while it sends a body, so alone it would notice a dead client
      * only when a send fails. */
     if (r->c) {
@@ -1404,8 +1555,12 @@ int sse_server_listen(sse_server *srv, const char *tls_cert, const char *tls_key
     srv->tls_error[0] = '\0';
     srv->shutting_down = 0;
     srv->tls = tls;
-    if (srv->cfg.max_per_ip && !srv->ips &&
-        !(srv->ips = calloc(SSE_IP_BUCKETS, sizeof *srv->ips))) {
+    /* head_guard's window: twice what MHD can hold of a head, 64 KiB at least. */
+    size_t cap = srv->cfg.conn_memory * 2 > 65536 ? srv->cfg.conn_memory * 2 : 65536;
+    if (!tls && !srv->peek && (srv->peek = malloc(cap)))
+        srv->peek_cap = cap;
+    if ((!tls && !srv->peek) || (srv->cfg.max_per_ip && !srv->ips &&
+        !(srv->ips = calloc(SSE_IP_BUCKETS, sizeof *srv->ips)))) {
         close(srv->listen_fd);
         srv->listen_fd = -1;
         snprintf(err, errlen, "out of memory");
@@ -1557,5 +1712,6 @@ void sse_server_free(sse_server *srv)
     if (!srv)
         return;
     sse_server_shutdown(srv, 0);
+    free(srv->peek);
     free(srv);
 }
